@@ -1,0 +1,426 @@
+"""One rank's whole job: setup, manifest, assignment, the work loop with stealing, and the end."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, gather, manifest
+from .config import Config
+from .dist import DistInfo, restart_count
+from .manifest import DocEntry, Unit
+from .raster import Batch, EncoderInput, LiveBatchSampler, PageDataset, make_loader
+from .runner import (FakeModel, checkpoint_name, encoder_input_spec, is_oom, load_model,
+                     page_results, resolve_checkpoint)
+from .scheduler import (ST_CLAIMED, ST_DONE_PAGES, ST_FINISHED, ST_RATE_MILLI, StatusRounds,
+                        all_finished, apply_steals, assign, plan_steals)
+from .sources import InputError, discover
+from .writer import ChunkWriter, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+
+
+class SetupError(RuntimeError):
+    """The job cannot start; raised on every rank with the same message."""
+
+
+def _share(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's object on every rank. An Exception travels too, and is raised everywhere."""
+    if info.distributed:
+        box = [obj if info.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=info.control_group)
+        obj = box[0]
+    if isinstance(obj, Exception):
+        raise SetupError(str(obj))
+    return obj
+
+
+def _check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SetupError(f"cannot write to output directory {out}: {e}. Choose a writable --output.") from e
+
+
+def ensure_nltk_words() -> bool:
+    """Make sure nltk's `words` corpus (read by nougat's markdown postprocessing) is present.
+
+    Its presence changes the output text, and when it is missing nougat calls nltk.download once
+    per page. So: check once, try one download, and if that fails too, warn once and turn later
+    download attempts into no-ops (the text is then what the CLI writes offline).
+    """
+    import nltk
+
+    try:
+        nltk.data.find("corpora/words")
+        return True
+    except LookupError:
+        pass
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(15)
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            ok = bool(nltk.download("words", quiet=True, raise_on_error=False))
+    except OSError:
+        ok = False
+    finally:
+        socket.setdefaulttimeout(old)
+    log.debug("nltk.download('words'): %s", noise.getvalue().strip())
+    if ok:
+        try:
+            nltk.data.find("corpora/words")
+            return True
+        except LookupError:
+            pass
+    log.warning("nltk 'words' corpus is missing and could not be downloaded: nougat's markdown "
+                "postprocessing will add a space after every page's last word. Install it with "
+                "`python -m nltk.downloader words` (or set NLTK_DATA) for the exact stock output.")
+    return False
+
+
+def _silence_nltk_download() -> None:
+    import nltk
+
+    nltk.download = lambda *a, **k: False  # type: ignore[assignment]
+
+
+@dataclass
+class Plan:
+    """What rank 0 decided and every rank needs."""
+
+    entries: list[DocEntry]
+    docs: list[DocEntry]
+    units: list[Unit]
+    todo: list[int]  # unit indices not yet committed
+    queues: list[list[int]]
+    checkpoint: str
+    nltk_ok: bool
+    total_pages: int
+    committed_pages: int = 0
+
+
+def _build_plan(cfg: Config, info: DistInfo) -> Plan:
+    out = Path(cfg.output)
+    # Rank 0 decides what the job is; failures travel to every rank so nobody hangs in a barrier.
+    head: Any
+    if info.is_main:
+        try:
+            _check_output_dir(out)
+            sources = discover(cfg.input)
+            if not sources:
+                raise SetupError("the inputs contain no PDF files: " + " ".join(cfg.input))
+            old = manifest.load(out)
+            if old is not None and not manifest.same_inputs(old, sources):
+                if not cfg.rebuild_manifest:
+                    raise SetupError(
+                        f"{out} holds a manifest built from different inputs ({len(old)} documents "
+                        f"there, {len(sources)} now). Use the same --input to resume, another "
+                        "--output for a new job, or --rebuild-manifest to replace it.")
+                old = None
+            ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if cfg.test_fake_model is None else ""
+            nltk_ok = ensure_nltk_words()
+            checkpoint.remove_temp_files(out)
+            head = (sources if old is None else None, old, ckpt, nltk_ok)
+        except (SetupError, InputError, OSError, RuntimeError) as e:
+            head = SetupError(str(e))
+    else:
+        head = None
+    sources, entries, ckpt, nltk_ok = _share(info, head)
+
+    if entries is None:
+        # Every rank hashes and counts the pages of its share of the documents.
+        mine = manifest.build_entries(sources, info.rank, info.world_size)
+        if info.distributed:
+            parts: list[Any] = [None] * info.world_size
+            dist.all_gather_object(parts, mine, group=info.control_group)
+        else:
+            parts = [mine]
+        entries = [e for _, e in sorted(x for part in parts for x in part)] if info.is_main else None
+        if info.is_main:
+            manifest.write(out, entries)
+            log.info("manifest: %d documents written to %s", len(entries), out / manifest.MANIFEST_FILE)
+
+    plan: Any = None
+    if info.is_main:
+        docs = manifest.unique_docs(entries)
+        units = manifest.make_units(docs, cfg.unit_pages)
+        done = checkpoint.committed_units(out)
+        todo = [i for i, u in enumerate(units) if u.key(docs[u.doc].doc_id) not in done]
+        weights = [units[i].n_pages for i in todo]
+        queues = [[todo[j] for j in q] for q in assign(weights, info.world_size)]
+        total = sum(u.n_pages for u in units)
+        plan = Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total,
+                    committed_pages=total - sum(weights))
+    return _share(info, plan)
+
+
+@dataclass
+class RankStats:
+    rank: int
+    pages: int = 0
+    units: int = 0
+    units_stolen: int = 0
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    wall_s: float = 0.0
+    failures: dict[str, int] = field(default_factory=dict)
+    oom_retries: int = 0
+    rounds: int = 0
+
+
+class PageRunner:
+    """Inference on one batch with OOM back-off: halve the batch and retry the pieces."""
+
+    def __init__(self, model: Any, cfg: Config, stats: RankStats) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.stats = stats
+        tok = getattr(getattr(model, "decoder", None), "tokenizer", None)
+        self.pad_token_id = getattr(tok, "pad_token_id", None)
+
+    def infer(self, images: torch.Tensor, pages: list[int]) -> list:
+        try:
+            with torch.inference_mode():
+                out = self.model.inference(image_tensors=images, early_stopping=self.cfg.skipping)
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_oom(e) or len(images) == 1:
+                raise
+            self.stats.oom_retries += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(images) // 2
+            log.warning("out of memory on a batch of %d pages: retrying as %d + %d",
+                        len(images), half, len(images) - half)
+            return self.infer(images[:half], pages[:half]) + self.infer(images[half:], pages[half:])
+        return page_results(out, pages, markdown=self.cfg.markdown, skipping=self.cfg.skipping,
+                            pad_token_id=self.pad_token_id)
+
+
+def run(cfg: Config, info: DistInfo) -> int:
+    """Run this rank's part of the job. Returns the process exit code."""
+    t_start = time.monotonic()
+    out = Path(cfg.output)
+    plan = _build_plan(cfg, info)
+    if not plan.nltk_ok:
+        _silence_nltk_download()
+
+    if cfg.test_fake_model is not None:
+        model: Any = FakeModel(cfg.test_fake_model, info.rank)
+        input_size, align = [448, 224], False
+        model_id, dtype_name = "fake", "none"
+    else:
+        ckpt = Path(plan.checkpoint)
+        model = load_model(ckpt, info.device, cfg.full_precision)
+        input_size, align = encoder_input_spec(ckpt)
+        model_id = checkpoint_name(ckpt)
+        dtype_name = "float32" if cfg.full_precision else "bfloat16"
+
+    batch_size = cfg.batch_size or _auto_batch_size(info.device)
+    stats = RankStats(rank=info.rank)
+    runner = PageRunner(model, cfg, stats)
+    writer = ChunkWriter(out, info.rank, cfg.commit_pages, cfg.commit_seconds)
+    docs, units, queues = plan.docs, plan.units, plan.queues
+    weights = {i: units[i].n_pages for i in plan.todo}
+    weight_list = [weights.get(i, 0) for i in range(len(units))]
+    my_queue = queues[info.rank]
+    state = {"ptr": 0, "claimed_pages": 0}
+    page_unit: dict[tuple[int, int], str] = {}
+
+    def next_unit_pages() -> list[tuple[int, int]] | None:
+        if state["ptr"] >= len(my_queue):
+            return None
+        u = units[my_queue[state["ptr"]]]
+        state["ptr"] += 1
+        key = u.key(docs[u.doc].doc_id)
+        writer.expect(key, u.n_pages)
+        state["claimed_pages"] += u.n_pages
+        keys = [(u.doc, p) for p in u.pages()] if u.first else [(u.doc, 0)]
+        for k in keys:
+            page_unit[k] = key
+        stats.units += 1
+        return keys
+
+    dataset = PageDataset(docs, EncoderInput(input_size, align))
+    loader = make_loader(dataset, LiveBatchSampler(next_unit_pages, batch_size), cfg.num_workers,
+                         cfg.prefetch_factor, pin_memory=info.device.type == "cuda")
+    rounds = StatusRounds(info.world_size, info.control_group)
+    bar = _progress_bar(info, plan)
+
+    def vector() -> list[int]:
+        finished = state["ptr"] >= len(my_queue) and stats.pages == state["claimed_pages"]
+        rate = int(1000 * stats.pages / stats.busy_s) if stats.busy_s > 0 else 0
+        return [stats.pages, state["ptr"], int(finished), rate]
+
+    def process(batch: Batch) -> None:
+        t0 = time.monotonic()
+        results = {}
+        if batch.images is not None:
+            imgs = batch.images.to(info.device, non_blocking=True)
+            pages = [batch.keys[i][1] for i in batch.ok_index]
+            for i, r in zip(batch.ok_index, runner.infer(imgs, pages)):
+                results[i] = r
+        per_page_ms = (time.monotonic() - t0) * 1000 / max(len(batch.ok_index), 1)
+        for i, (d, page) in enumerate(batch.keys):
+            e = docs[d]
+            row = {"doc_id": e.doc_id, "source": e.source, "member": e.member, "page": page,
+                   "rank": info.rank, "model": model_id, "dtype": dtype_name}
+            if i in results:
+                r = results[i]
+                row.update(text=r.text, status=r.status, error=None, n_tokens=r.n_tokens,
+                           elapsed_ms=per_page_ms + batch.render_ms[i])
+            else:
+                status = "error" if page == 0 else "render_error"
+                row.update(text="", status=status, error=batch.errors[i], n_tokens=None,
+                           elapsed_ms=batch.render_ms[i])
+            if row["status"] != "ok":
+                stats.failures[row["status"]] = stats.failures.get(row["status"], 0) + 1
+            writer.add(page_unit.pop((d, page)), row)
+        stats.pages += len(batch.keys)
+        stats.busy_s += time.monotonic() - t0
+        writer.maybe_commit()
+
+    it = None
+    last_done = 0
+    try:
+        rounds.post(vector())
+        while True:
+            idle = it is None and state["ptr"] >= len(my_queue)
+            if idle or rounds.ready():
+                t_wait = time.monotonic()
+                status = rounds.collect()
+                if idle:
+                    stats.idle_s += time.monotonic() - t_wait
+                done = sum(row[ST_DONE_PAGES] for row in status)
+                if bar is not None:
+                    bar.update(done - last_done)
+                last_done = done
+                if all_finished(status):
+                    break
+                if cfg.steal and info.world_size > 1:
+                    steals = plan_steals(queues, status, weight_list)
+                    apply_steals(queues, steals)
+                    for s in steals:
+                        if s.thief == info.rank:
+                            stats.units_stolen += len(s.units)
+                            log.debug("took %d unit(s) from rank %d", len(s.units), s.victim)
+                    state["ptr"] = min(state["ptr"], len(my_queue))
+                rounds.post(vector())
+                if idle and state["ptr"] >= len(my_queue):
+                    continue  # still nothing to do: wait for the next round
+            if it is None:
+                it = iter(loader)
+            batch = next(it, None)
+            if batch is None:
+                it = None
+                continue
+            process(batch)
+        writer.commit()
+    finally:
+        if bar is not None:
+            bar.close()
+        dataset.close()
+    stats.rounds = rounds.rounds
+    stats.wall_s = time.monotonic() - t_start
+    return _finish(cfg, info, plan, stats, writer)
+
+
+def _auto_batch_size(device: torch.device) -> int:
+    if device.type == "cuda":
+        # nougat's own rule: 0.3 pages per GB of GPU memory
+        mem = torch.cuda.get_device_properties(device).total_memory
+        return max(1, int(mem / 1024 / 1024 / 1000 * 0.3))
+    return 4
+
+
+def _progress_bar(info: DistInfo, plan: Plan):
+    if not info.is_main:
+        return None
+    from tqdm import tqdm
+
+    todo_pages = plan.total_pages - plan.committed_pages
+    return tqdm(total=todo_pages, unit="page", desc="OCR", dynamic_ncols=True, smoothing=0.1,
+                mininterval=1.0)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "nougat-ocr", "transformers", "pypdfium2", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: ChunkWriter) -> int:
+    out = Path(cfg.output)
+    mine = stats.__dict__.copy()
+    if info.distributed:
+        parts: list[Any] = [None] * info.world_size
+        dist.all_gather_object(parts, mine, group=info.control_group)
+        dist.barrier(group=info.control_group)
+    else:
+        parts = [mine]
+    if not info.is_main:
+        return EXIT_OK
+    removed = gather.drop_duplicate_units(out)
+    docs_table = gather.write_documents(out, plan.entries)
+    counts = gather.status_counts(out)
+    wall = max(p["wall_s"] for p in parts)
+    pages_done = sum(p["pages"] for p in parts)
+    busy = sum(p["busy_s"] for p in parts)
+    idle = sum(p["idle_s"] for p in parts)
+    failed = sum(v for k, v in counts.items() if k in gather.FAILED_STATUSES)
+    result = {
+        "complete": True,
+        "documents": docs_table.num_rows,
+        "pages_total": plan.total_pages,
+        "pages_this_run": pages_done,
+        "pages_resumed": plan.committed_pages,
+        "pages_by_status": counts,
+        "failed_pages": failed,
+        "duplicate_rows_removed": removed,
+        "wall_s": round(wall, 3),
+        "pages_per_s": round(pages_done / wall, 3) if wall > 0 else None,
+        "idle_fraction": round(idle / (wall * info.world_size), 4) if wall > 0 else None,
+        "busy_s": round(busy, 3),
+        "world_size": info.world_size,
+        "restart_count": restart_count(),
+        "per_rank": [
+            {"rank": p["rank"], "pages": p["pages"], "units": p["units"],
+             "units_stolen": p["units_stolen"],
+             "pages_per_s": round(p["pages"] / p["busy_s"], 3) if p["busy_s"] else None,
+             "busy_s": round(p["busy_s"], 3), "idle_s": round(p["idle_s"], 3),
+             "failures": p["failures"], "oom_retries": p["oom_retries"], "rounds": p["rounds"]}
+            for p in parts
+        ],
+        "config": {k: v for k, v in cfg.__dict__.items()},
+        "versions": _versions(),
+    }
+    atomic_write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", out / "stats.json")
+    msg = (f"done: {docs_table.num_rows} documents, {plan.total_pages} pages "
+           f"({pages_done} this run, {plan.committed_pages} resumed) in {wall:.1f}s → {out}")
+    if failed:
+        msg += f"; completed with {failed} failed page(s), see status/error columns"
+    log.info(msg)
+    return EXIT_OK

@@ -1,0 +1,177 @@
+"""Rendering pages into model input tensors, in DataLoader workers, one page at a time.
+
+Rendering matches nougat's `rasterize_paper` (pypdfium2 at 96 dpi) pixel for pixel, and the tensor
+comes from nougat's own `SwinEncoder.prepare_input(img, random_padding=False)`; only the whole-
+document-at-once loading is replaced by streaming single pages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import pypdfium2
+import torch
+from nougat.model import SwinEncoder
+from nougat.transforms import test_transform
+from PIL import Image
+
+from .manifest import DocEntry
+from .sources import Source, read_bytes
+
+log = logging.getLogger(__name__)
+
+NOUGAT_DPI = 96
+
+
+class EncoderInput:
+    """Carries exactly the attributes `SwinEncoder.prepare_input` reads, so DataLoader workers run
+    nougat's own preprocessing code without holding (or forking) the model weights."""
+
+    crop_margin = staticmethod(SwinEncoder.crop_margin)
+
+    def __init__(self, input_size: Sequence[int], align_long_axis: bool) -> None:
+        self.input_size = list(input_size)
+        self.align_long_axis = align_long_axis
+        self.to_tensor = test_transform  # what an eval-mode SwinEncoder uses
+
+    def __call__(self, img: Image.Image) -> torch.Tensor | None:
+        return SwinEncoder.prepare_input(self, img, random_padding=False)
+
+
+def render_page(doc: pypdfium2.PdfDocument, page: int) -> Image.Image:
+    """Render 1-based page at nougat's resolution."""
+    p = doc[page - 1]
+    try:
+        return p.render(scale=NOUGAT_DPI / 72).to_pil()
+    finally:
+        p.close()
+
+
+@dataclass
+class PageItem:
+    """What a worker hands back for one (document, page)."""
+
+    doc: int
+    page: int
+    image: torch.Tensor | None
+    error: str | None
+    elapsed_ms: float = 0.0
+
+
+class PageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over (doc index, page) keys; the live scheduler picks the keys."""
+
+    def __init__(self, docs: Sequence[DocEntry], prepare: Callable[[Image.Image], torch.Tensor | None]):
+        self.docs = docs
+        self.prepare = prepare
+        self._open_doc: tuple[int, pypdfium2.PdfDocument] | None = None
+
+    def _document(self, doc: int) -> pypdfium2.PdfDocument:
+        # Units hand consecutive pages of one document to the same batch, so keeping the last
+        # document open saves re-parsing it for every page.
+        if self._open_doc is not None and self._open_doc[0] == doc:
+            return self._open_doc[1]
+        self.close()
+        e = self.docs[doc]
+        src = Source(e.source, e.member)
+        pdf = pypdfium2.PdfDocument(src.source if e.member is None else read_bytes(src))
+        self._open_doc = (doc, pdf)
+        return pdf
+
+    def close(self) -> None:
+        if self._open_doc is not None:
+            self._open_doc[1].close()
+            self._open_doc = None
+
+    def __len__(self) -> int:  # keys are (doc, page) tuples; the length is never used for sampling
+        return len(self.docs)
+
+    def __getitem__(self, key: tuple[int, int]) -> PageItem:
+        import time
+
+        doc, page = key
+        entry = self.docs[doc]
+        if page == 0:
+            return PageItem(doc, 0, None, entry.error or "PDF has 0 pages")
+        t0 = time.perf_counter()
+        try:
+            pdf = self._document(doc)
+        except (pypdfium2.PdfiumError, OSError) as e:
+            return PageItem(doc, page, None, f"cannot open document: {e}")
+        try:
+            img = render_page(pdf, page)
+        except (pypdfium2.PdfiumError, OSError, ValueError) as e:
+            return PageItem(doc, page, None, f"page {page} failed to render: {e}")
+        try:
+            tensor = self.prepare(img)
+        except (OSError, ValueError) as e:
+            return PageItem(doc, page, None, f"page {page} failed in prepare_input: {e}")
+        if tensor is None:
+            # nougat's prepare_input returns None for a broken or zero-size image; the stock CLI
+            # then drops the page silently.
+            return PageItem(doc, page, None, f"page {page}: nougat's prepare_input rejected the image")
+        return PageItem(doc, page, tensor, None, (time.perf_counter() - t0) * 1000)
+
+
+@dataclass
+class Batch:
+    keys: list[tuple[int, int]]  # every page of the batch, in order
+    images: torch.Tensor | None  # stacked tensors of the pages that rendered (ok_index order)
+    ok_index: list[int]  # positions in keys that have an image
+    errors: dict[int, str]  # position in keys → render error
+    render_ms: list[float]
+
+
+def collate(items: list[PageItem]) -> Batch:
+    ok = [i for i, it in enumerate(items) if it.image is not None]
+    images = torch.stack([items[i].image for i in ok]) if ok else None
+    return Batch(
+        keys=[(it.doc, it.page) for it in items],
+        images=images,
+        ok_index=ok,
+        errors={i: it.error for i, it in enumerate(items) if it.image is None},
+        render_ms=[it.elapsed_ms for it in items],
+    )
+
+
+def _worker_init(_: int) -> None:
+    # Each worker renders one page at a time; more intra-op threads would only fight the model.
+    torch.set_num_threads(1)
+
+
+class LiveBatchSampler:
+    """Yields batches of page keys taken from a queue that the scheduler can grow or shrink.
+
+    It is iterated in the main process (DataLoader sends only the keys to workers), so claiming a
+    unit here is visible to the scheduler immediately.
+    """
+
+    def __init__(self, next_unit_pages: Callable[[], list[tuple[int, int]] | None], batch_size: int):
+        self.next_unit_pages = next_unit_pages
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batch: list[tuple[int, int]] = []
+        while True:
+            keys = self.next_unit_pages()
+            if keys is None:
+                break
+            for k in keys:
+                batch.append(k)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+
+def make_loader(dataset: PageDataset, sampler: LiveBatchSampler, num_workers: int,
+                prefetch_factor: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
+                      worker_init_fn=_worker_init)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       collate_fn=collate, pin_memory=pin_memory, **kwargs)

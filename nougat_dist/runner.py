@@ -1,0 +1,142 @@
+"""One Nougat model per rank: batched inference and nougat's own page postprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PageModel(Protocol):
+    """The part of NougatModel the runner uses (a fake model implements the same contract)."""
+
+    def inference(self, image_tensors: torch.Tensor, early_stopping: bool = True) -> dict[str, Any]: ...
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be found or loaded; the message says what to do."""
+
+
+def resolve_checkpoint(checkpoint: str | None, model_tag: str) -> Path:
+    """The checkpoint directory to load, downloading it with nougat's own code when absent.
+
+    As the nougat CLI: an existing directory is used as is; otherwise nougat's `get_checkpoint`
+    downloads `model_tag` (needs internet) into the given dir, $NOUGAT_CHECKPOINT or torch hub.
+    """
+    from nougat.utils.checkpoint import get_checkpoint
+
+    required = ("config.json", "pytorch_model.bin", "tokenizer.json")
+    if checkpoint is not None and Path(checkpoint).is_dir() and all(
+            (Path(checkpoint) / f).exists() for f in required):
+        return Path(checkpoint)
+    try:
+        path = Path(get_checkpoint(checkpoint, model_tag=model_tag))
+    except Exception as e:  # requests/urllib/OS errors all mean the same thing to the user here
+        raise CheckpointError(
+            f"checkpoint not found at {checkpoint or '(default location)'} and downloading nougat "
+            f"model {model_tag!r} failed ({type(e).__name__}: {e}). Pass --checkpoint DIR with a "
+            "downloaded checkpoint (config.json, pytorch_model.bin, tokenizer.json, ...), or run "
+            "once where github.com is reachable so nougat can download it."
+        ) from e
+    missing = [f for f in required if not (path / f).exists()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint directory {path} is incomplete (missing {', '.join(missing)}): delete it "
+            "and let nougat download it again, or pass --checkpoint with a complete one"
+        )
+    return path
+
+
+def checkpoint_name(path: Path) -> str:
+    """Name + content hash of a checkpoint, recorded on every page row."""
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "pytorch_model.bin"):
+        with open(path / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return f"{path.name}@{h.hexdigest()[:12]}"
+
+
+def load_model(path: Path, device: torch.device, full_precision: bool) -> torch.nn.Module:
+    """Load NougatModel through its real from_pretrained path, cast as the nougat CLI does."""
+    from nougat import NougatModel
+
+    model = NougatModel.from_pretrained(path)
+    # The CLI casts to bfloat16 unless --full-precision, on CPU too; the cast changes the text.
+    if not full_precision:
+        model = model.to(torch.bfloat16)
+    return model.to(device).eval()
+
+
+def encoder_input_spec(path: Path) -> tuple[list[int], bool]:
+    """input_size and align_long_axis from the checkpoint's config, for the render workers."""
+    from nougat import NougatConfig
+
+    cfg = NougatConfig.from_pretrained(path)
+    return list(cfg.input_size), bool(cfg.align_long_axis)
+
+
+@dataclass
+class PageResult:
+    text: str
+    status: str
+    n_tokens: int | None
+
+
+def page_results(output: dict[str, Any], pages: list[int], *, markdown: bool, skipping: bool,
+                 pad_token_id: int | None) -> list[PageResult]:
+    """Turn one `model.inference` output into per-page text exactly as nougat's predict.py does.
+
+    The one deliberate difference: MISSING_PAGE_EMPTY carries the real page number (the CLI uses
+    the global batch index there, a known bug).
+    """
+    from nougat.postprocessing import markdown_compatible
+
+    results = []
+    sequences = output.get("sequences")
+    for j, raw in enumerate(output["predictions"]):
+        page = pages[j]
+        n_tokens = None
+        if isinstance(sequences, torch.Tensor) and pad_token_id is not None:
+            n_tokens = int((sequences[j] != pad_token_id).sum())
+        repeats = output["repeats"][j]
+        if raw.strip() == "[MISSING_PAGE_POST]":
+            results.append(PageResult(f"\n\n[MISSING_PAGE_EMPTY:{page}]\n\n", "empty", n_tokens))
+        elif skipping and repeats is not None:
+            if repeats > 0:
+                results.append(PageResult(f"\n\n[MISSING_PAGE_FAIL:{page}]\n\n", "fail", n_tokens))
+            else:
+                results.append(PageResult(f"\n\n[MISSING_PAGE_EMPTY:{page}]\n\n", "empty", n_tokens))
+        else:
+            text = markdown_compatible(raw) if markdown else raw
+            results.append(PageResult(text, "ok", n_tokens))
+    return results
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class FakeModel:
+    """Testing only: honours NougatModel.inference's contract with a sleep per page.
+
+    Spec string (from --test-fake-model): comma-separated `key=value`, e.g.
+    `delay=0.05,delay_rank1=0.5`. Text is derived from the input pixels, so it is page-dependent.
+    """
+
+    def __init__(self, spec: str, rank: int) -> None:
+        opts = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+        self.delay = float(opts.get(f"delay_rank{rank}", opts.get("delay", "0")))
+
+    def inference(self, image_tensors: torch.Tensor, early_stopping: bool = True) -> dict[str, Any]:
+        n = len(image_tensors)
+        time.sleep(self.delay * n)
+        preds = [f"fake page checksum {float(t.float().sum()):.3f}\n\n" for t in image_tensors]
+        return {"predictions": preds, "repeats": [None] * n, "sequences": None, "repetitions": []}

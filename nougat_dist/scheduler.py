@@ -1,0 +1,138 @@
+"""Assignment of work units to ranks, and work stealing decided from gathered status rounds.
+
+Everything that decides is a pure function of (state, rank, world_size), so every rank computes
+the same decision from the same gathered vector and no rank ever has to ask another.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+# Fields of the int64 status vector each rank posts in a round.
+ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI = range(4)
+STATUS_LEN = 4
+
+
+def assign(weights: Sequence[int], world_size: int) -> list[list[int]]:
+    """Longest-processing-time-first: units by weight (pages), largest first, each to the rank
+    with the least work so far. Returns one queue of unit indices per rank, largest first, so the
+    small units sit at the tail where thieves take from."""
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    heap = [(0, r) for r in range(world_size)]
+    queues: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        load, r = heapq.heappop(heap)
+        queues[r].append(i)
+        heapq.heappush(heap, (load + weights[i], r))
+    return queues
+
+
+@dataclass(frozen=True)
+class Steal:
+    thief: int
+    victim: int
+    units: tuple[int, ...]  # unit indices moved from the tail of the victim's queue
+
+
+def plan_steals(queues: Sequence[Sequence[int]], status: Sequence[Sequence[int]],
+                weights: Sequence[int], default_rate_milli: int = 1000) -> list[Steal]:
+    """Decide which units move, from one round's gathered status (identical on every rank).
+
+    A rank is hungry when it has claimed its whole queue. Each hungry rank, in rank order, takes
+    units from the tail of the queue of the rank with the most estimated time left, about the
+    share that equalises their finishing times at their measured rates. The victim keeps its next
+    unclaimed unit, which it may already be claiming while this round is being applied.
+    """
+    world = len(queues)
+    remaining = [list(queues[r][status[r][ST_CLAIMED]:]) for r in range(world)]
+    rate = [max(status[r][ST_RATE_MILLI], 1) if status[r][ST_RATE_MILLI] > 0 else default_rate_milli
+            for r in range(world)]
+    steals = []
+    for thief in range(world):
+        if remaining[thief]:
+            continue
+
+        def time_left(r: int) -> float:
+            return sum(weights[u] for u in remaining[r]) / rate[r]
+
+        victims = [r for r in range(world) if r != thief and len(remaining[r]) >= 2]
+        if not victims:
+            continue
+        victim = max(victims, key=lambda r: (time_left(r), -r))
+        pages_left = sum(weights[u] for u in remaining[victim])
+        target = pages_left * rate[thief] / (rate[thief] + rate[victim])
+        taken: list[int] = []
+        got = 0
+        while len(remaining[victim]) - len(taken) > 1:
+            u = remaining[victim][-1 - len(taken)]
+            if taken and got + weights[u] > target:
+                break
+            taken.append(u)
+            got += weights[u]
+        taken.reverse()
+        remaining[victim] = remaining[victim][: len(remaining[victim]) - len(taken)]
+        remaining[thief] = list(taken)
+        steals.append(Steal(thief, victim, tuple(taken)))
+    return steals
+
+
+def apply_steals(queues: list[list[int]], steals: Sequence[Steal]) -> None:
+    """Move stolen units; identical on every rank, so the queue views stay in agreement."""
+    for s in steals:
+        n = len(s.units)
+        assert tuple(queues[s.victim][-n:]) == s.units, "queue views diverged between ranks"
+        del queues[s.victim][-n:]
+        queues[s.thief].extend(s.units)
+
+
+def all_finished(status: Sequence[Sequence[int]]) -> bool:
+    return all(row[ST_FINISHED] for row in status)
+
+
+class StatusRounds:
+    """Asynchronous all_gather of status vectors on the control group.
+
+    A rank posts round k and keeps working; it applies round k only once every rank has posted
+    it, then posts k+1. Nobody blocks on a peer's batch unless it has nothing left to do.
+    """
+
+    def __init__(self, world_size: int, group: object | None) -> None:
+        self.world_size = world_size
+        self.group = group
+        self.rounds = 0
+        self._work = None
+        self._posted = False
+        self._out: list[torch.Tensor] = []
+
+    @property
+    def pending(self) -> bool:
+        return self._posted
+
+    def post(self, vector: Sequence[int]) -> None:
+        import torch.distributed as dist
+
+        assert not self._posted, "apply the posted round before posting the next"
+        self._posted = True
+        mine = torch.tensor(list(vector), dtype=torch.int64)
+        if self.world_size == 1:
+            self._out = [mine]
+            return
+        self._out = [torch.empty(STATUS_LEN, dtype=torch.int64) for _ in range(self.world_size)]
+        self._work = dist.all_gather(self._out, mine, group=self.group, async_op=True)
+
+    def ready(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+    def collect(self) -> list[list[int]]:
+        """Wait for the posted round (immediate if ready()) and return every rank's vector."""
+        assert self._posted, "no round posted"
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        self._posted = False
+        self.rounds += 1
+        return [t.tolist() for t in self._out]

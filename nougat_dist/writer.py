@@ -1,0 +1,166 @@
+"""Parquet output: one schema per table, chunks committed atomically with the units they complete."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+PAGE_STATUSES = ("ok", "empty", "fail", "render_error", "error")
+
+PAGES_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("member", pa.string()),
+    pa.field("page", pa.int32(), nullable=False),  # 1-based; 0 = the document could not be opened
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("n_tokens", pa.int32()),
+    pa.field("elapsed_ms", pa.float32()),
+    pa.field("rank", pa.int16(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("dtype", pa.string(), nullable=False),
+])
+
+DOCUMENTS_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("member", pa.string()),
+    pa.field("n_pages", pa.int32(), nullable=False),
+    pa.field("n_failed", pa.int32(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("duplicates", pa.list_(pa.string())),
+])
+
+#: Parquet key-value metadata key listing the units a chunk completes (JSON list of unit keys).
+UNITS_KEY = b"nougat_dist.units"
+PAGES_DIR = "pages"
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory; the data file is synced
+    finally:
+        os.close(fd)
+
+
+def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes] | None = None) -> None:
+    """Write table to path so that readers see either the old file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def chunk_units(path: Path) -> list[str]:
+    """The unit keys a committed chunk completes, read from its footer only."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(UNITS_KEY, b"[]"))
+
+
+@dataclass
+class ChunkWriter:
+    """Buffers page rows per unit and commits complete units as Parquet chunks.
+
+    A unit counts as done only once its rows are in a committed chunk whose footer names it, so
+    a crash at any instant leaves each unit either fully committed or not at all.
+    """
+
+    out_dir: Path
+    rank: int
+    commit_pages: int = 256
+    commit_seconds: float = 60.0
+    seq: int = 0
+    _open: dict[str, list[dict]] = field(default_factory=dict)
+    _expected: dict[str, int] = field(default_factory=dict)
+    _ready_rows: list[dict] = field(default_factory=list)
+    _ready_units: list[str] = field(default_factory=list)
+    _last_commit: float = field(default_factory=time.monotonic)
+    committed_pages: int = 0
+
+    def __post_init__(self) -> None:
+        self.pages_dir = self.out_dir / PAGES_DIR
+        self.pages_dir.mkdir(parents=True, exist_ok=True)
+        # Continue numbering after this rank's existing chunks so a resumed run never overwrites.
+        prefix = f"part-r{self.rank:05d}-"
+        for p in self.pages_dir.glob(prefix + "*.parquet"):
+            try:
+                self.seq = max(self.seq, int(p.stem[len(prefix):]) + 1)
+            except ValueError:
+                continue
+
+    def expect(self, unit_key: str, n_rows: int) -> None:
+        """Declare a unit that will receive n_rows rows."""
+        self._open.setdefault(unit_key, [])
+        self._expected[unit_key] = n_rows
+
+    def add(self, unit_key: str, row: dict) -> None:
+        rows = self._open[unit_key]
+        rows.append(row)
+        if len(rows) == self._expected[unit_key]:
+            rows.sort(key=lambda r: r["page"])
+            self._ready_rows.extend(rows)
+            self._ready_units.append(unit_key)
+            del self._open[unit_key], self._expected[unit_key]
+
+    @property
+    def pending_units(self) -> int:
+        return len(self._open)
+
+    def maybe_commit(self) -> bool:
+        due = time.monotonic() - self._last_commit >= self.commit_seconds
+        if self._ready_rows and (len(self._ready_rows) >= self.commit_pages or due):
+            self.commit()
+            return True
+        return False
+
+    def commit(self) -> Path | None:
+        """Write every complete unit buffered so far as one chunk. Returns its path (None if empty)."""
+        self._last_commit = time.monotonic()
+        if not self._ready_units:
+            return None
+        table = pa.Table.from_pylist(self._ready_rows, schema=PAGES_SCHEMA)
+        path = self.pages_dir / f"part-r{self.rank:05d}-{self.seq:06d}.parquet"
+        atomic_write_table(table, path, {UNITS_KEY: json.dumps(self._ready_units).encode()})
+        log.debug("committed %s: %d rows, %d units", path.name, table.num_rows, len(self._ready_units))
+        self.seq += 1
+        self.committed_pages += table.num_rows
+        self._ready_rows, self._ready_units = [], []
+        return path

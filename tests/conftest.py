@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny random-weight checkpoint, sample PDFs, and a pinned NLTK_DATA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# nougat's markdown postprocessing looks words up in nltk's `words` corpus and its output depends
+# on whether the corpus exists, so every test (and every subprocess) uses this fixture.
+os.environ["NLTK_DATA"] = str(ROOT / "tests" / "fixtures" / "nltk_data")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nougat_dist.tiny_checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_pdfs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from nougat_dist.samples import write_sample_pdfs
+
+    return write_sample_pdfs(tmp_path_factory.mktemp("samples"), n_docs=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def bad_pdfs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from nougat_dist.samples import write_bad_inputs
+
+    return write_bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+def run_launch(args: list[str], *, nproc: int = 0, timeout: float = 300,
+               env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch.py as a user would: plain python (nproc=0) or under torchrun --standalone."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", str(ROOT / "launch.py"), *args]
+    else:
+        cmd = [sys.executable, str(ROOT / "launch.py"), *args]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-6000:]}")
+    return proc
