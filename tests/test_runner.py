@@ -1,0 +1,44 @@
+"""Page postprocessing as nougat's predict.py does it, and the deliberate numbering fix."""
+
+from __future__ import annotations
+
+import torch
+
+from nougat_dist.runner import FakeModel, is_oom, page_results
+
+
+def _out(preds, repeats):
+    return {"predictions": preds, "repeats": repeats, "sequences": None}
+
+
+def test_missing_page_markers_use_real_page_numbers():
+    # The stock CLI numbers MISSING_PAGE_EMPTY by global batch index (i*batchsize+j+1); pages
+    # 41 and 42 of a document in the third batch of 4 would be labelled 9 and 10 there.
+    out = _out(["some text", "loop loop", "[MISSING_PAGE_POST]"], [0, 7, None])
+    res = page_results(out, [41, 42, 43], markdown=False, skipping=True, pad_token_id=None)
+    assert [r.text for r in res] == ["\n\n[MISSING_PAGE_EMPTY:41]\n\n",
+                                     "\n\n[MISSING_PAGE_FAIL:42]\n\n",
+                                     "\n\n[MISSING_PAGE_EMPTY:43]\n\n"]
+    assert [r.status for r in res] == ["empty", "fail", "empty"]
+
+
+def test_no_skipping_keeps_text_and_markdown_flag():
+    out = _out(["(1) \\[x\\]"], [0])
+    kept = page_results(out, [1], markdown=False, skipping=False, pad_token_id=None)
+    assert kept[0].text == "(1) \\[x\\]" and kept[0].status == "ok"
+    md = page_results(out, [1], markdown=True, skipping=False, pad_token_id=None)
+    assert md[0].text.startswith("\\[x \\tag{1}\\]")  # markdown_compatible adds equation tags
+
+
+def test_oom_detection():
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom(RuntimeError("CUDA error: device-side assert triggered"))
+
+
+def test_fake_model_contract_and_per_rank_delay():
+    m0, m1 = FakeModel("delay=0,delay_rank1=0.01", 0), FakeModel("delay=0,delay_rank1=0.01", 1)
+    assert (m0.delay, m1.delay) == (0.0, 0.01)
+    out = m0.inference(image_tensors=torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]))
+    assert len(out["predictions"]) == 2 and out["predictions"][0] != out["predictions"][1]
+    assert out["repeats"] == [None, None]
