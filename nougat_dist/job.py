@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -24,14 +25,41 @@ from .manifest import DocEntry, Unit
 from .raster import Batch, EncoderInput, LiveBatchSampler, PageDataset, make_loader
 from .runner import (FakeModel, checkpoint_name, encoder_input_spec, is_oom, load_model,
                      page_results, resolve_checkpoint)
-from .scheduler import (ST_CLAIMED, ST_DONE_PAGES, ST_FINISHED, ST_RATE_MILLI, StatusRounds,
-                        all_finished, apply_steals, assign, plan_steals)
+from .scheduler import (ST_DONE_PAGES, StatusRounds, all_finished, apply_steals, assign,
+                        plan_steals, stop_requested)
 from .sources import InputError, discover
 from .writer import ChunkWriter, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+#: Stopped on request (SIGTERM/SIGUSR1/SIGINT) after committing: run the same command to resume.
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopFlag:
+    """Set by the stop signals; a second signal while stopping exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise SystemExit(EXIT_STOPPED)
+        self.requested = True
+        log.warning("received %s: finishing the current batch, committing, then stopping "
+                    "(send it again to stop immediately)", signal.Signals(signum).name)
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class SetupError(RuntimeError):
@@ -233,6 +261,11 @@ def run(cfg: Config, info: DistInfo) -> int:
         model_id = checkpoint_name(ckpt)
         dtype_name = "float32" if cfg.full_precision else "bfloat16"
 
+    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Render workers share the cores with the model: oversubscribed OpenMP threads made CPU
+        # inference several times slower here (torchrun sets OMP_NUM_THREADS=1 itself).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - cfg.num_workers))
     batch_size = cfg.batch_size or _auto_batch_size(info.device)
     stats = RankStats(rank=info.rank)
     runner = PageRunner(model, cfg, stats)
@@ -267,7 +300,7 @@ def run(cfg: Config, info: DistInfo) -> int:
     def vector() -> list[int]:
         finished = state["ptr"] >= len(my_queue) and stats.pages == state["claimed_pages"]
         rate = int(1000 * stats.pages / stats.busy_s) if stats.busy_s > 0 else 0
-        return [stats.pages, state["ptr"], int(finished), rate]
+        return [stats.pages, state["ptr"], int(finished), rate, int(stop.requested)]
 
     def process(batch: Batch) -> None:
         t0 = time.monotonic()
@@ -299,6 +332,9 @@ def run(cfg: Config, info: DistInfo) -> int:
 
     it = None
     last_done = 0
+    stopped = False
+    stop = StopFlag()
+    stop.install()
     try:
         rounds.post(vector())
         while True:
@@ -313,6 +349,9 @@ def run(cfg: Config, info: DistInfo) -> int:
                     bar.update(done - last_done)
                 last_done = done
                 if all_finished(status):
+                    break
+                if stop_requested(status):
+                    stopped = True
                     break
                 if cfg.steal and info.world_size > 1:
                     steals = plan_steals(queues, status, weight_list)
@@ -334,11 +373,17 @@ def run(cfg: Config, info: DistInfo) -> int:
             process(batch)
         writer.commit()
     finally:
+        stop.uninstall()
         if bar is not None:
             bar.close()
         dataset.close()
     stats.rounds = rounds.rounds
     stats.wall_s = time.monotonic() - t_start
+    if stopped:
+        log.warning("stopped on request after committing %d page(s) this run (%d unit(s) in "
+                    "flight are redone on resume); run the same command again to resume",
+                    writer.committed_pages, writer.pending_units)
+        return EXIT_STOPPED
     return _finish(cfg, info, plan, stats, writer)
 
 

@@ -128,15 +128,21 @@ class FakeModel:
     """Testing only: honours NougatModel.inference's contract with a sleep per page.
 
     Spec string (from --test-fake-model): comma-separated `key=value`, e.g.
-    `delay=0.05,delay_rank1=0.5`. Text is derived from the input pixels, so it is page-dependent.
+    `delay=0.05,delay_rank1=0.5,oom_above=2`. `oom_above=N` raises the error the CUDA allocator
+    raises for any batch larger than N pages. Text is derived from the input pixels, so it is
+    page-dependent.
     """
 
     def __init__(self, spec: str, rank: int) -> None:
         opts = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
         self.delay = float(opts.get(f"delay_rank{rank}", opts.get("delay", "0")))
+        self.oom_above = int(opts.get("oom_above", "0"))
 
     def inference(self, image_tensors: torch.Tensor, early_stopping: bool = True) -> dict[str, Any]:
         n = len(image_tensors)
+        if self.oom_above and n > self.oom_above:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {n} GiB (injected by the fake model)")
         time.sleep(self.delay * n)
         preds = [f"fake page checksum {float(t.float().sum()):.3f}\n\n" for t in image_tensors]
         return {"predictions": preds, "repeats": [None] * n, "sequences": None, "repetitions": []}

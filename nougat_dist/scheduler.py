@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 
 # Fields of the int64 status vector each rank posts in a round.
-ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI = range(4)
-STATUS_LEN = 4
+ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_STOP = range(5)
+STATUS_LEN = 5
 
 
 def assign(weights: Sequence[int], world_size: int) -> list[list[int]]:
@@ -91,6 +91,11 @@ def apply_steals(queues: list[list[int]], steals: Sequence[Steal]) -> None:
 
 def all_finished(status: Sequence[Sequence[int]]) -> bool:
     return all(row[ST_FINISHED] for row in status)
+
+
+def stop_requested(status: Sequence[Sequence[int]]) -> bool:
+    """A graceful stop asked on any rank stops every rank at the same round."""
+    return any(row[ST_STOP] for row in status)
 
 
 class StatusRounds:
