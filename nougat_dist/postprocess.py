@@ -1,0 +1,541 @@
+"""Post stages on a finished job's output dir: clean/filter pages, then cut token-aware chunks.
+
+clean reads pages/ and documents.parquet and writes clean/pages.parquet, clean/documents.parquet,
+clean/dropped.parquet (one row per dropped page or document, with the reason) and
+clean/report.json (counts by reason, thresholds used). Steps, in order:
+
+1. Pages whose status is not `ok` are dropped (reason `status:<status>`): failed, empty, render
+   errors and unreadable documents carry no text worth keeping.
+2. Nougat's `[MISSING_PAGE_...]` markers are removed from the text.
+3. Whitespace is normalised: CRLF and lone CR become LF, NBSP and tabs become spaces, runs of
+   spaces collapse, trailing spaces go, 3+ newlines become one blank line; markdown headings with
+   no text (`#` alone, which nougat emits when a heading's text is lost) are removed.
+4. Repeated-line junk: a line repeated more than `max_line_repeats` times in a row keeps its first
+   copy (nougat's loops); a short line (<= `boilerplate_max_chars`) found on at least
+   `boilerplate_min_fraction` of a document's pages (documents of >= `boilerplate_min_pages` pages)
+   is a running header/footer and is removed from every page.
+5. Quality bar, on the cleaned text: fewer than `min_chars` characters (`too_short`); letters
+   under `min_alpha_fraction` of non-space characters (`low_alpha`: garbage, or pure symbols);
+   for pages of >= 50 words, distinct words under `min_unique_word_fraction` of all words
+   (`repetitive`).
+6. Exact dedup by sha256 of cleaned text: a document whose joined text equals an earlier one's is
+   dropped whole (`duplicate_document`), then a page equal to an earlier kept page anywhere in the
+   dataset is dropped (`duplicate_page`). "Earlier" = order of documents.parquet, then page.
+
+chunk reads clean/pages.parquet and writes chunks/part-00000.parquet, ... . Each document's
+cleaned pages are joined with a blank line and tokenized once; a chunk holds at most `max_tokens`
+tokens and ends before the last markdown heading in its last three quarters, else at the best
+break point in its second half: a paragraph start, then a line start, else any token. The next
+chunk starts `overlap` tokens before the previous one ended (at the heading itself when it ended
+before one). Each chunk keeps doc_id, source, member, its page span and char span.
+
+The default tokenizer is built in code, offline and deterministically, with the `tokenizers`
+library: a vocabulary-free word-level model over a Whitespace + single-digit pre-tokenizer, so one
+token = one word, one run of punctuation or one digit (a subword BPE splits rare words further,
+so its counts are higher). For exact counts for a given model pass `--tokenizer` with its
+tokenizer.json (e.g. the Nougat checkpoint's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import hashlib
+import json
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .gather import DOCUMENTS_FILE, read_pages
+from .writer import DOCUMENTS_SCHEMA, atomic_write_table, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CLEAN_DIR = "clean"
+CHUNKS_DIR = "chunks"
+REPORT_FILE = "report.json"
+
+CLEAN_PAGES_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("member", pa.string()),
+    pa.field("page", pa.int32(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),  # of text, the page dedup key
+])
+
+CLEAN_DOCUMENTS_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("member", pa.string()),
+    pa.field("pages", pa.list_(pa.int32()), nullable=False),  # kept page numbers
+    pa.field("text", pa.string(), nullable=False),  # kept pages joined with a blank line
+])
+
+DROPPED_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("page", pa.int32()),  # null: the whole document
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+])
+
+CHUNKS_SCHEMA = pa.schema([
+    pa.field("chunk_id", pa.string(), nullable=False),  # "<doc_id>-<chunk_index>"
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("member", pa.string()),
+    pa.field("chunk_index", pa.int32(), nullable=False),
+    pa.field("page_start", pa.int32(), nullable=False),
+    pa.field("page_end", pa.int32(), nullable=False),
+    pa.field("char_start", pa.int64(), nullable=False),  # in the clean document's text
+    pa.field("char_end", pa.int64(), nullable=False),
+    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+])
+
+PAGE_SEPARATOR = "\n\n"
+_MISSING_RE = re.compile(r"\[MISSING_PAGE_[A-Z]+(?::\d+)?\]")
+_EMPTY_HEADING_RE = re.compile(r"^#{1,6}[ \t]*$", re.MULTILINE)
+_SPACES_RE = re.compile(r"[ \t\u00a0\u2007\u202f]+")
+_WORD_RE = re.compile(r"\w+")
+
+
+# --- clean ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class CleanOptions:
+    """Thresholds of the clean stage (flag = field name with dashes)."""
+
+    min_chars: int = 50
+    """Pages with fewer characters after cleaning are dropped (too_short)."""
+    min_alpha_fraction: float = 0.3
+    """Pages whose letters are fewer than this fraction of non-space characters are dropped."""
+    min_unique_word_fraction: float = 0.2
+    """Pages of >= 50 words with fewer distinct words than this fraction are dropped (loops)."""
+    max_line_repeats: int = 3
+    """A line repeated more often than this in a row keeps only its first copy."""
+    boilerplate_min_fraction: float = 0.5
+    """A short line on at least this fraction of a document's pages is removed as header/footer."""
+    boilerplate_min_pages: int = 4
+    """Only documents with at least this many ok pages are searched for headers/footers."""
+    boilerplate_max_chars: int = 80
+    """Longer lines are never treated as headers/footers."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_alpha_fraction", "min_unique_word_fraction", "boilerplate_min_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be within [0, 1]")
+        if self.max_line_repeats < 1:
+            raise ValueError("--max-line-repeats must be >= 1")
+
+
+def normalise(text: str) -> str:
+    """Steps 2-3: markers out, whitespace and empty headings normalised."""
+    text = _MISSING_RE.sub("", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _SPACES_RE.sub(" ", text)
+    text = _EMPTY_HEADING_RE.sub("", text)
+    text = "\n".join(line.strip(" ") for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def collapse_repeats(text: str, max_repeats: int) -> tuple[str, int]:
+    """Keep the first copy of a non-blank line repeated more than max_repeats times in a row.
+    Returns the text and the number of lines removed."""
+    out: list[str] = []
+    removed = 0
+    run_line, run = None, 0
+    for line in text.split("\n"):
+        if line and line == run_line:
+            run += 1
+        else:
+            run_line, run = line, 1
+        out.append(line)
+        if run == max_repeats + 1:
+            # The run just became too long: it is junk, so drop all but its first copy.
+            del out[-max_repeats:]
+            removed += max_repeats
+        elif run > max_repeats + 1:
+            out.pop()
+            removed += 1
+    return "\n".join(out), removed
+
+
+def boilerplate_lines(pages: Sequence[str], opts: CleanOptions) -> set[str]:
+    """Short lines that occur on at least boilerplate_min_fraction of the pages of one document."""
+    if len(pages) < opts.boilerplate_min_pages:
+        return set()
+    seen: Counter[str] = Counter()
+    for text in pages:
+        seen.update({ln for ln in text.split("\n") if ln and len(ln) <= opts.boilerplate_max_chars})
+    need = opts.boilerplate_min_fraction * len(pages)
+    return {ln for ln, n in seen.items() if n >= need}
+
+
+def quality_problem(text: str, opts: CleanOptions) -> tuple[str, str] | None:
+    """(reason, detail) when a cleaned page is below the quality bar, else None."""
+    if len(text) < opts.min_chars:
+        return "too_short", f"{len(text)} chars < {opts.min_chars}"
+    non_space = [c for c in text if not c.isspace()]
+    alpha = sum(c.isalpha() for c in non_space) / max(1, len(non_space))
+    if alpha < opts.min_alpha_fraction:
+        return "low_alpha", f"letters {alpha:.2f} of non-space chars < {opts.min_alpha_fraction}"
+    words = _WORD_RE.findall(text.lower())
+    if len(words) >= 50:
+        unique = len(set(words)) / len(words)
+        if unique < opts.min_unique_word_fraction:
+            return "repetitive", f"distinct words {unique:.2f} < {opts.min_unique_word_fraction}"
+    return None
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class CleanReport:
+    """What clean kept and dropped; written as clean/report.json."""
+
+    pages_in: int = 0
+    pages_kept: int = 0
+    documents_in: int = 0
+    documents_kept: int = 0
+    dropped_pages: dict[str, int] = field(default_factory=dict)
+    dropped_documents: dict[str, int] = field(default_factory=dict)
+    removed: dict[str, int] = field(default_factory=dict)  # markers / lines taken out of kept text
+    options: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        why = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped_pages.items())) or "nothing"
+        return (f"clean: kept {self.pages_kept}/{self.pages_in} pages, {self.documents_kept}/"
+                f"{self.documents_in} documents; dropped pages: {why}")
+
+
+def _documents(out_dir: Path) -> list[dict]:
+    path = out_dir / DOCUMENTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: clean needs a finished job's output dir "
+                                f"(run launch.py to the end first)")
+    return pq.read_table(path, schema=DOCUMENTS_SCHEMA,
+                         columns=["doc_id", "source", "member"]).to_pylist()
+
+
+def clean(out_dir: Path, opts: CleanOptions = CleanOptions()) -> CleanReport:
+    """Run the clean stage on a job output dir; write clean/ and return the report."""
+    docs = _documents(out_dir)
+    pages = read_pages(out_dir, ["doc_id", "page", "text", "status"]).to_pylist()
+    by_doc: dict[str, list[dict]] = defaultdict(list)
+    for row in pages:
+        by_doc[row["doc_id"]].append(row)
+    report = CleanReport(pages_in=len(pages), documents_in=len(docs), options=asdict(opts))
+    dropped: list[dict] = []
+    removed: Counter[str] = Counter()
+
+    def drop(doc_id: str, page: int | None, reason: str, detail: str | None = None) -> None:
+        dropped.append({"doc_id": doc_id, "page": page, "reason": reason, "detail": detail})
+
+    kept_docs: list[tuple[dict, list[tuple[int, str]]]] = []
+    for doc in docs:
+        rows = sorted(by_doc.get(doc["doc_id"], []), key=lambda r: r["page"])
+        texts: list[tuple[int, str]] = []
+        for r in rows:
+            if r["status"] != "ok":
+                drop(doc["doc_id"], r["page"], f"status:{r['status']}")
+                continue
+            removed["missing_page_markers"] += len(_MISSING_RE.findall(r["text"]))
+            text, n = collapse_repeats(normalise(r["text"]), opts.max_line_repeats)
+            removed["repeated_lines"] += n
+            texts.append((r["page"], text))
+        junk = boilerplate_lines([t for _, t in texts], opts)
+        good: list[tuple[int, str]] = []
+        for page, text in texts:
+            if junk:
+                lines = text.split("\n")
+                kept_lines = [ln for ln in lines if ln not in junk]
+                removed["boilerplate_lines"] += len(lines) - len(kept_lines)
+                text = normalise("\n".join(kept_lines))
+            problem = quality_problem(text, opts)
+            if problem is not None:
+                drop(doc["doc_id"], page, *problem)
+            else:
+                good.append((page, text))
+        kept_docs.append((doc, good))
+
+    seen_docs: dict[str, str] = {}
+    seen_pages: dict[str, tuple[str, int]] = {}
+    out_pages: list[dict] = []
+    out_docs: list[dict] = []
+    for doc, good in kept_docs:
+        doc_id = doc["doc_id"]
+        if not good:
+            drop(doc_id, None, "no_pages_kept")
+            continue
+        doc_sha = _sha(PAGE_SEPARATOR.join(t for _, t in good))
+        if doc_sha in seen_docs:
+            drop(doc_id, None, "duplicate_document", f"same text as {seen_docs[doc_sha]}")
+            for page, _ in good:
+                drop(doc_id, page, "duplicate_document", f"same text as {seen_docs[doc_sha]}")
+            continue
+        seen_docs[doc_sha] = doc_id
+        final: list[tuple[int, str]] = []
+        for page, text in good:
+            sha = _sha(text)
+            if sha in seen_pages:
+                first = seen_pages[sha]
+                drop(doc_id, page, "duplicate_page", f"same text as {first[0]} page {first[1]}")
+                continue
+            seen_pages[sha] = (doc_id, page)
+            final.append((page, text))
+            out_pages.append({"doc_id": doc_id, "source": doc["source"], "member": doc["member"],
+                              "page": page, "text": text, "sha256": sha})
+        if not final:
+            drop(doc_id, None, "no_pages_kept")
+            continue
+        out_docs.append({"doc_id": doc_id, "source": doc["source"], "member": doc["member"],
+                         "pages": [p for p, _ in final],
+                         "text": PAGE_SEPARATOR.join(t for _, t in final)})
+
+    page_drops = [d for d in dropped if d["page"] is not None]
+    report.pages_kept = len(out_pages)
+    report.documents_kept = len(out_docs)
+    report.dropped_pages = dict(sorted(Counter(d["reason"] for d in page_drops).items()))
+    report.dropped_documents = dict(sorted(Counter(d["reason"] for d in dropped if d["page"] is None).items()))
+    report.removed = dict(sorted(removed.items()))
+    assert report.pages_kept + len(page_drops) == report.pages_in, "every page is kept or dropped"
+
+    clean_dir = out_dir / CLEAN_DIR
+    atomic_write_table(pa.Table.from_pylist(out_pages, schema=CLEAN_PAGES_SCHEMA), clean_dir / "pages.parquet")
+    atomic_write_table(pa.Table.from_pylist(out_docs, schema=CLEAN_DOCUMENTS_SCHEMA),
+                       clean_dir / "documents.parquet")
+    atomic_write_table(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA), clean_dir / "dropped.parquet")
+    atomic_write_text(json.dumps(asdict(report), indent=2, sort_keys=True) + "\n", clean_dir / REPORT_FILE)
+    return report
+
+
+# --- chunk ---------------------------------------------------------------------------------------
+
+def default_tokenizer():  # -> tokenizers.Tokenizer
+    """The offline default: words, punctuation runs and single digits are one token each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    return tok
+
+
+def load_tokenizer(path: str | Path | None):  # -> tokenizers.Tokenizer
+    """A tokenizer.json file (e.g. the Nougat checkpoint's), or the default when path is None."""
+    if path is None:
+        return default_tokenizer()
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there")
+    return Tokenizer.from_file(str(p))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkOptions:
+    """Chunk sizes (flag = field name with dashes)."""
+
+    max_tokens: int = 512
+    """Most tokens in one chunk."""
+    overlap: int = 64
+    """Tokens each chunk repeats from the end of the previous chunk of the same document (must be
+    below half of max_tokens)."""
+    rows_per_file: int = 100_000
+    """Chunks per Parquet file in chunks/."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise ValueError("--max-tokens must be >= 2")
+        if not 0 <= self.overlap < self.max_tokens // 2:
+            raise ValueError("--overlap must be >= 0 and below half of --max-tokens, so every "
+                             "chunk moves forward")
+
+
+# Break-point priorities: a chunk prefers to end right before a heading, then a paragraph...
+_HEADING, _PARAGRAPH, _LINE, _TOKEN = 3, 2, 1, 0
+
+
+def _break_priorities(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """For each token, how good a place it is to start a chunk, from the whitespace between the
+    previous token with content and this one's first non-space character. Works whether the
+    tokenizer drops whitespace (the default) or makes tokens of it (byte-level BPE)."""
+    prio = []
+    last_end = 0
+    for i, (start, end) in enumerate(offsets):
+        piece = text[start:end]
+        content = len(piece) - len(piece.lstrip())
+        if content == len(piece):
+            prio.append(_TOKEN)  # whitespace-only token: never start a chunk with it
+            continue
+        c = start + content
+        newlines = text.count("\n", last_end, c)
+        if i == 0 or last_end == 0:
+            prio.append(_HEADING)
+        elif newlines >= 2:
+            prio.append(_HEADING if text.startswith("#", c) else _PARAGRAPH)
+        elif newlines == 1:
+            prio.append(_LINE)
+        else:
+            prio.append(_TOKEN)
+        last_end = end
+    return prio
+
+
+def chunk_spans(prio: Sequence[int], max_tokens: int, overlap: int) -> list[tuple[int, int]]:
+    """Token index ranges [start, end) of the chunks of one document.
+
+    prio[i] says how good it is to end a chunk right before token i. A chunk ends before the
+    latest heading in its last three quarters if there is one (a section start is worth a chunk
+    only a quarter full), else at the highest-priority break in its second half (the latest among
+    equals). Either way it holds tokens beyond the overlap, so every chunk moves forward. The next
+    chunk starts `overlap` tokens back, except at a heading, where it starts at the heading.
+    """
+    n = len(prio)
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < n:
+        limit = start + max_tokens
+        if limit >= n:
+            spans.append((start, n))
+            break
+        lo = start + max(overlap + 1, max_tokens // 4)
+        headings = [i for i in range(lo, limit + 1) if prio[i] == _HEADING]
+        if headings:
+            best = headings[-1]
+        else:
+            best = max(range(start + max(overlap + 1, max_tokens // 2), limit + 1), key=lambda i: (prio[i], i))
+        spans.append((start, best))
+        # A new section starts clean: repeating the end of the previous one adds nothing.
+        start = best if prio[best] == _HEADING else best - overlap
+    return spans
+
+
+def chunk_document(doc_id: str, source: str, member: str | None, pages: Sequence[tuple[int, str]],
+                   tokenizer, opts: ChunkOptions) -> list[dict]:
+    """The chunks of one clean document (pages = (page number, text) in order)."""
+    text = PAGE_SEPARATOR.join(t for _, t in pages)
+    page_starts, pos = [], 0
+    for _, t in pages:
+        page_starts.append(pos)
+        pos += len(t) + len(PAGE_SEPARATOR)
+    offsets = tokenizer.encode(text, add_special_tokens=False).offsets
+    # Tokenizers may emit zero-width tokens (special/added tokens); they cannot carry a break.
+    offsets = [(s, e) for s, e in offsets if e > s]
+    rows = []
+    for i, (s, e) in enumerate(chunk_spans(_break_priorities(text, offsets), opts.max_tokens, opts.overlap)):
+        c0, c1 = offsets[s][0], offsets[e - 1][1]
+        # Whitespace at either end (byte-level tokenizers make tokens of it) is not content.
+        piece = text[c0:c1]
+        c0 += len(piece) - len(piece.lstrip())
+        c1 -= len(piece) - len(piece.rstrip())
+        rows.append({
+            "chunk_id": f"{doc_id}-{i}", "doc_id": doc_id, "source": source, "member": member,
+            "chunk_index": i,
+            "page_start": pages[bisect.bisect_right(page_starts, c0) - 1][0],
+            "page_end": pages[bisect.bisect_right(page_starts, c1 - 1) - 1][0],
+            "char_start": c0, "char_end": c1, "n_tokens": e - s, "text": text[c0:c1],
+        })
+    return rows
+
+
+def chunk(out_dir: Path, opts: ChunkOptions = ChunkOptions(), tokenizer_path: str | None = None) -> dict:
+    """Run the chunk stage on a cleaned output dir; write chunks/ and return counts."""
+    clean_pages = out_dir / CLEAN_DIR / "pages.parquet"
+    if not clean_pages.exists():
+        raise FileNotFoundError(f"{clean_pages} not found: run `python -m nougat_dist clean {out_dir}` first")
+    tokenizer = load_tokenizer(tokenizer_path)
+    rows = pq.read_table(clean_pages, schema=CLEAN_PAGES_SCHEMA).to_pylist()
+    docs: dict[str, list[dict]] = {}
+    for r in rows:
+        docs.setdefault(r["doc_id"], []).append(r)
+    chunks: list[dict] = []
+    for doc_id, prow in docs.items():
+        prow.sort(key=lambda r: r["page"])
+        chunks.extend(chunk_document(doc_id, prow[0]["source"], prow[0]["member"],
+                                     [(r["page"], r["text"]) for r in prow], tokenizer, opts))
+    chunk_dir = out_dir / CHUNKS_DIR
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    # Files of an earlier run with more chunks would otherwise be read as part of this one.
+    for old in chunk_dir.glob("part-*.parquet"):
+        old.unlink()
+    n_files = 0
+    for n_files, i in enumerate(range(0, max(1, len(chunks)), opts.rows_per_file), start=1):
+        atomic_write_table(pa.Table.from_pylist(chunks[i:i + opts.rows_per_file], schema=CHUNKS_SCHEMA),
+                           chunk_dir / f"part-{n_files - 1:05d}.parquet")
+    return {"documents": len(docs), "chunks": len(chunks), "files": n_files,
+            "tokens": sum(c["n_tokens"] for c in chunks),
+            "tokenizer": str(tokenizer_path) if tokenizer_path else "default (words/punctuation/digits)"}
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        doc = _field_docs(cls).get(f.name, "")
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+                            default=f.default, help=f"{doc} (default: {f.default})")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal under each field) for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def add_clean_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", type=Path, help="a finished job's output dir (pages/, documents.parquet)")
+    _add_option_flags(parser, CleanOptions)
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    opts = CleanOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CleanOptions)})
+    report = clean(args.output, opts)
+    print(report.summary())
+    print(f"report: {args.output / CLEAN_DIR / REPORT_FILE}; dropped rows: {args.output / CLEAN_DIR / 'dropped.parquet'}")
+    return 0
+
+
+def add_chunk_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", type=Path, help="an output dir that `clean` has run on")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer.json (or a dir holding one, e.g. the Nougat checkpoint) to "
+                             "count tokens with; default: a built-in word/punctuation/digit "
+                             "tokenizer that needs no download")
+    _add_option_flags(parser, ChunkOptions)
+
+
+def run_chunk(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    opts = ChunkOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ChunkOptions)})
+    stats = chunk(args.output, opts, args.tokenizer)
+    print(f"chunk: {stats['chunks']} chunks ({stats['tokens']} tokens, tokenizer {stats['tokenizer']}) "
+          f"from {stats['documents']} documents in {stats['files']} file(s) under {args.output / CHUNKS_DIR}")
+    return 0
+
