@@ -212,6 +212,8 @@ class RankStats:
     failures: dict[str, int] = field(default_factory=dict)
     oom_retries: int = 0
     rounds: int = 0
+    work_start: float = 0.0  # epoch seconds: comparable across ranks, unlike monotonic clocks
+    work_end: float = 0.0
 
 
 class PageRunner:
@@ -299,8 +301,21 @@ def run(cfg: Config, info: DistInfo) -> int:
 
     def vector() -> list[int]:
         finished = state["ptr"] >= len(my_queue) and stats.pages == state["claimed_pages"]
-        rate = int(1000 * stats.pages / stats.busy_s) if stats.busy_s > 0 else 0
-        return [stats.pages, state["ptr"], int(finished), rate, int(stop.requested)]
+        # Throughput over the time this rank had work, render waits included: that is what
+        # predicts when its queue will be done.
+        active = time.time() - stats.work_start - stats.idle_s
+        rate = int(1000 * stats.pages / active) if stats.pages and active > 0 else 0
+        # Units this rank may claim before it applies the round it is posting (about one batch:
+        # a round completes when the slowest rank posts after its batch); thieves leave them
+        # alone so a steal rarely races a claim, and a race that does happen only costs a
+        # duplicate unit, dropped at gather.
+        reserve, pages_ahead, i = 0, 0, state["ptr"]
+        while i < len(my_queue) and pages_ahead < batch_size:
+            pages_ahead += weight_list[my_queue[i]]
+            reserve += 1
+            i += 1
+        inflight = state["claimed_pages"] - stats.pages
+        return [stats.pages, state["ptr"], int(finished), rate, int(stop.requested), reserve, inflight]
 
     def process(batch: Batch) -> None:
         t0 = time.monotonic()
@@ -335,6 +350,7 @@ def run(cfg: Config, info: DistInfo) -> int:
     stopped = False
     stop = StopFlag()
     stop.install()
+    stats.work_start = time.time()
     try:
         rounds.post(vector())
         while True:
@@ -372,6 +388,7 @@ def run(cfg: Config, info: DistInfo) -> int:
                 continue
             process(batch)
         writer.commit()
+        stats.work_end = time.time()
     finally:
         stop.uninstall()
         if bar is not None:
@@ -446,6 +463,8 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
         "failed_pages": failed,
         "duplicate_rows_removed": removed,
         "wall_s": round(wall, 3),
+        # from the first rank starting work to the last rank finishing it (setup excluded)
+        "makespan_s": round(max(p["work_end"] for p in parts) - min(p["work_start"] for p in parts), 3),
         "pages_per_s": round(pages_done / wall, 3) if wall > 0 else None,
         "idle_fraction": round(idle / (wall * info.world_size), 4) if wall > 0 else None,
         "busy_s": round(busy, 3),

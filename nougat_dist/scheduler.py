@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 
 # Fields of the int64 status vector each rank posts in a round.
-ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_STOP = range(5)
-STATUS_LEN = 5
+ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_STOP, ST_RESERVE, ST_INFLIGHT = range(7)
+STATUS_LEN = 7
 
 
 def assign(weights: Sequence[int], world_size: int) -> list[list[int]]:
@@ -42,46 +42,58 @@ def plan_steals(queues: Sequence[Sequence[int]], status: Sequence[Sequence[int]]
                 weights: Sequence[int], default_rate_milli: int = 1000) -> list[Steal]:
     """Decide which units move, from one round's gathered status (identical on every rank).
 
-    A rank is hungry when it has claimed its whole queue. Each hungry rank, in rank order, takes
-    units from the tail of the queue of the rank with the most estimated time left, about the
-    share that equalises their finishing times at their measured rates. The victim keeps its next
-    unclaimed unit, which it may already be claiming while this round is being applied.
+    Ranks are visited from the least to the most estimated time left (unclaimed pages / measured
+    rate). Each takes units from the tail of the queue of the rank with the most time left, as many
+    as equalise the two finishing times at their rates — so a fast rank pulls work early, before
+    it runs dry, and a slow rank never pulls work a faster one would finish sooner. The victim keeps
+    the units it may claim before this round is applied (ST_RESERVE, posted by itself; at least one).
     """
     world = len(queues)
     remaining = [list(queues[r][status[r][ST_CLAIMED]:]) for r in range(world)]
-    rate = [max(status[r][ST_RATE_MILLI], 1) if status[r][ST_RATE_MILLI] > 0 else default_rate_milli
+    rate = [status[r][ST_RATE_MILLI] if status[r][ST_RATE_MILLI] > 0 else default_rate_milli
             for r in range(world)]
+    keep = [max(status[r][ST_RESERVE], 1) for r in range(world)]
+
+    def pages(r: int) -> int:
+        # claimed-but-unfinished pages count toward a rank's time left, though they cannot move
+        return sum(weights[u] for u in remaining[r]) + status[r][ST_INFLIGHT]
+
     steals = []
-    for thief in range(world):
-        if remaining[thief]:
+    involved: set[int] = set()  # one move per rank per round: estimates are too stale for more
+    for thief in sorted(range(world), key=lambda r: (pages(r) / rate[r], r)):
+        if thief in involved:
             continue
-
-        def time_left(r: int) -> float:
-            return sum(weights[u] for u in remaining[r]) / rate[r]
-
-        victims = [r for r in range(world) if r != thief and len(remaining[r]) >= 2]
+        victims = [r for r in range(world)
+                   if r != thief and r not in involved and len(remaining[r]) > keep[r]]
         if not victims:
             continue
-        victim = max(victims, key=lambda r: (time_left(r), -r))
-        pages_left = sum(weights[u] for u in remaining[victim])
-        target = pages_left * rate[thief] / (rate[thief] + rate[victim])
+        victim = max(victims, key=lambda r: (pages(r) / rate[r], -r))
+        # pages x that make (P_t + x) / r_t == (P_v - x) / r_v
+        x = (pages(victim) * rate[thief] - pages(thief) * rate[victim]) / (rate[thief] + rate[victim])
         taken: list[int] = []
         got = 0
-        while len(remaining[victim]) - len(taken) > 1:
+        while len(remaining[victim]) - len(taken) > keep[victim]:
             u = remaining[victim][-1 - len(taken)]
-            if taken and got + weights[u] > target:
+            if got + weights[u] / 2 > x:  # round to the nearest unit
                 break
             taken.append(u)
             got += weights[u]
+        if not taken:
+            continue
         taken.reverse()
+        involved.update((thief, victim))
         remaining[victim] = remaining[victim][: len(remaining[victim]) - len(taken)]
-        remaining[thief] = list(taken)
+        remaining[thief] = remaining[thief] + taken
         steals.append(Steal(thief, victim, tuple(taken)))
     return steals
 
 
 def apply_steals(queues: list[list[int]], steals: Sequence[Steal]) -> None:
-    """Move stolen units; identical on every rank, so the queue views stay in agreement."""
+    """Move stolen units; identical on every rank, so the queue views stay in agreement.
+
+    A thief's stolen units go after its own unclaimed ones, which by construction is where
+    plan_steals counted them.
+    """
     for s in steals:
         n = len(s.units)
         assert tuple(queues[s.victim][-n:]) == s.units, "queue views diverged between ranks"

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 
-from nougat_dist.scheduler import (STATUS_LEN, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, all_finished,
-                                   apply_steals, assign, plan_steals)
+from nougat_dist.scheduler import (STATUS_LEN, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_RESERVE,
+                                   ST_STOP, all_finished, apply_steals, assign, plan_steals,
+                                   stop_requested)
 
 
-def status(claimed: int, rate: int = 1000, finished: int = 0, done: int = 0) -> list[int]:
+def status(claimed: int, rate: int = 1000, finished: int = 0, reserve: int = 0,
+           stop: int = 0) -> list[int]:
     row = [0] * STATUS_LEN
     row[ST_CLAIMED], row[ST_RATE_MILLI], row[ST_FINISHED] = claimed, rate, finished
-    row[0] = done
+    row[ST_RESERVE], row[ST_STOP] = reserve, stop
     return row
 
 
@@ -49,7 +51,7 @@ def test_hungry_rank_steals_from_tail_of_most_loaded():
     s = steals[0]
     assert (s.thief, s.victim) == (0, 1)
     # equal rates: the thief takes about half of the 5 unclaimed units, from the tail
-    assert s.units == (5, 6, 7) or s.units == (6, 7)
+    assert s.units == (5, 6, 7)
     apply_steals(queues, steals)
     assert queues[1][: len(queues[1])] == [2, 3, 4, 5, 6, 7][: len(queues[1])]
     assert sorted(queues[0] + queues[1]) == list(range(8))
@@ -91,3 +93,28 @@ def test_every_rank_computes_the_same_decision():
 def test_all_finished():
     assert all_finished([status(0, finished=1), status(3, finished=1)])
     assert not all_finished([status(0, finished=1), status(3, finished=0)])
+
+
+def test_slow_rank_does_not_take_work_a_fast_rank_finishes_sooner():
+    queues = [[0, 1, 2, 3], []]
+    st = [status(1, rate=10000), status(0, rate=1000)]
+    assert plan_steals(queues, st, [1] * 4) == []
+
+
+def test_fast_rank_pulls_work_before_running_dry():
+    queues = [list(range(0, 10)), list(range(10, 20))]
+    st = [status(1, rate=10000), status(1, rate=1000)]  # both still have 9 unclaimed units
+    steals = plan_steals(queues, st, [1] * 20)
+    assert [(s.thief, s.victim) for s in steals] == [(0, 1)]
+    assert len(steals[0].units) >= 6
+
+
+def test_reserved_units_are_never_stolen():
+    queues = [[], [0, 1, 2, 3, 4]]
+    steals = plan_steals(queues, [status(0), status(0, reserve=3)], [1] * 5)
+    assert steals and set(steals[0].units) <= {3, 4}  # units 0-2 are reserved by the victim
+
+
+def test_stop_on_any_rank_stops_all():
+    assert stop_requested([status(0), status(0, stop=1)])
+    assert not stop_requested([status(0), status(0)])
