@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, gather, manifest
+from . import checkpoint, faults, gather, manifest
 from .config import Config
 from .dist import DistInfo, restart_count
 from .manifest import DocEntry, Unit
@@ -39,7 +39,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopFlag:
-    """Set by the stop signals; a second signal while stopping exits at once."""
+    """Set by the stop signals; a second Ctrl-C while stopping exits at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -47,10 +47,15 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise SystemExit(EXIT_STOPPED)
+            # A second Ctrl-C is a person insisting. Repeated SIGTERM/SIGUSR1 is usually the same
+            # stop arriving twice (Slurm signals the whole step and torchrun forwards it again),
+            # so it must not cut the commit short.
+            if signum == signal.SIGINT:
+                raise SystemExit(EXIT_STOPPED)
+            return
         self.requested = True
         log.warning("received %s: finishing the current batch, committing, then stopping "
-                    "(send it again to stop immediately)", signal.Signals(signum).name)
+                    "(Ctrl-C again to stop immediately)", signal.Signals(signum).name)
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -248,6 +253,7 @@ def run(cfg: Config, info: DistInfo) -> int:
     """Run this rank's part of the job. Returns the process exit code."""
     t_start = time.monotonic()
     out = Path(cfg.output)
+    faults.configure(info.rank)
     plan = _build_plan(cfg, info)
     if not plan.nltk_ok:
         _silence_nltk_download()

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pypdfium2
 
+from . import faults
 from .sources import Source, read_bytes
 from .writer import atomic_write_table
 
@@ -100,7 +101,11 @@ def inspect(src: Source) -> DocEntry:
 
 def build_entries(sources: Sequence[Source], rank: int, world_size: int) -> list[tuple[int, DocEntry]]:
     """Inspect this rank's share of the sources (every world_size-th), tagged with their index."""
-    return [(i, inspect(sources[i])) for i in range(rank, len(sources), world_size)]
+    out = []
+    for i in range(rank, len(sources), world_size):
+        out.append((i, inspect(sources[i])))
+        faults.hit("manifest")
+    return out
 
 
 def to_table(entries: Iterable[DocEntry]) -> pa.Table:

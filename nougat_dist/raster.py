@@ -8,6 +8,7 @@ document-at-once loading is replaced by streaming single pages.
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -139,6 +140,11 @@ def collate(items: list[PageItem]) -> Batch:
 def _worker_init(_: int) -> None:
     # Each worker renders one page at a time; more intra-op threads would only fight the model.
     torch.set_num_threads(1)
+    # Slurm, torchrun and Ctrl-C signal the whole process group; the rank decides when to stop
+    # (after committing), and its workers exit with it. A worker dying on the signal would
+    # instead crash the rank mid-batch.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class LiveBatchSampler:

@@ -32,11 +32,14 @@ Tokenizer path resolution (why a copied/moved directory still loads):
     always load through ``NougatModel.from_pretrained(dir)``.
 
 Determinism: the same ``seed``/``max_length`` give a byte-identical
-``pytorch_model.bin`` (and identical JSON files) with the same torch version on
-the same platform.  ``torch.save`` embeds a ``serialization_id`` hashed from the
-record names, which include the file's stem, so the weights are always saved
-under the final name ``pytorch_model.bin``.  Across machines the id may differ
-(pytorch/pytorch#184219), so compare tensors rather than file hashes there.
+``pytorch_model.bin`` (and identical JSON files) with the same torch/timm/
+transformers versions on the same kind of CPU, in any process and with any torch
+thread count (the build runs single-threaded).  ``torch.save`` embeds a
+``serialization_id`` hashed from the archive's record names, which include the
+file's stem, so the weights are always saved under the final name
+``pytorch_model.bin``.  Across machines float results (and that id,
+pytorch/pytorch#184219) may differ in the last bits, and the calibration turns
+those into different weights; compare behaviour, not hashes, across machines.
 
 Usage::
 
@@ -74,10 +77,10 @@ CHECKPOINT_FILES: tuple[str, ...] = (
 
 #: Key under which the build parameters are recorded in config.json.  NougatConfig
 #: swallows unknown keys, so it is invisible to nougat.  Bump FORMAT_VERSION whenever
-#: the weights produced for a given (seed, max_length) change, so that existing
-#: directories are not silently reused.
+#: the weights produced for a given (seed, max_length) change: directories built by
+#: an older version are then rebuilt instead of silently reused.
 MARKER_KEY = "nougat_dist_tiny_checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # --- tokenizer ---------------------------------------------------------------------
 # nougat hard-codes these four special tokens (BARTDecoder sets them by name), and
@@ -598,18 +601,24 @@ def build_tiny_checkpoint(
     torch version and platform).
 
     ``max_length`` is both ``config.max_length`` (generation length) and
-    ``config.max_position_embeddings``.  Up to 135, nougat's repetition heuristics
-    cannot flag a page (``NougatModel.inference`` needs at least 135 generated
-    tokens).  Longer lengths exercise them: at 400, of 8 synthetic pages seed 0
-    flagged 1, seed 3 flagged 2 and seeds 1 and 2 flagged all 8 (``repeats`` = 0 and
-    a blank prediction; predict.py, unless ``--no-skipping``, writes
-    ``[MISSING_PAGE_EMPTY:n]`` for such pages).
-    The build greedy-decodes ``max_length`` tokens for calibration, so it takes
-    longer for long lengths (~1 s at 96, ~3.5 s at 400).
+    ``config.max_position_embeddings``.  Pages end with ``</s>`` after at least
+    35 % of it, typically after 65-80 %, and a few run to ``max_length``.  Up to
+    ~260 tokens that keeps nougat's repetition
+    heuristics quiet (``NougatModel.inference`` cannot flag pages shorter than 135
+    tokens, and its ``StoppingCriteriaScores`` only looks after 200 tokens).  Longer
+    lengths give a deliberately degenerate model: the tiny model's max logits are
+    so steady that ``StoppingCriteriaScores`` stops every page at ~200 tokens and
+    ``inference`` marks it as a repetition from the start (``repeats`` = 0, blank
+    prediction), which predict.py writes as ``[MISSING_PAGE_EMPTY:n]`` (unless
+    ``--no-skipping``).  Measured on 8 synthetic pages: every page, seeds 0-3, at
+    400; no page at 96 or 180.  The build greedy-decodes ``max_length`` tokens for
+    calibration, so it takes longer for long lengths (~1 s at 96, ~4 s at 400).
 
     Idempotent: if ``out_dir`` already holds a complete checkpoint built with the
     same parameters (recorded in config.json under ``MARKER_KEY``), it is returned
-    untouched.  If it holds a config.json from anything else (another seed or
+    untouched; a tiny checkpoint with the same seed and max_length from an older
+    version of this module (``FORMAT_VERSION``) or with a missing file is rebuilt.
+    If it holds a config.json from anything else (another seed or
     max_length, a real Nougat checkpoint), ``FileExistsError`` is raised unless
     ``overwrite`` is set, in which case the five files are replaced (other files in
     the directory are left alone).  Files are built in a temporary subdirectory and
@@ -634,9 +643,13 @@ def build_tiny_checkpoint(
         if _is_complete(out, params):
             return out
         existing = read_tiny_checkpoint_params(out)
-        # A tiny checkpoint with the same parameters but a missing file is ours to
-        # repair; anything else with a config.json is somebody's checkpoint.
-        if (out / "config.json").exists() and existing != params:
+        # A tiny checkpoint with the same seed and max_length but a missing file or
+        # an older format is ours to repair; anything else with a config.json is
+        # somebody else's checkpoint.
+        ours = existing is not None and all(
+            existing.get(key) == params[key] for key in ("seed", "max_length")
+        )
+        if (out / "config.json").exists() and not ours:
             raise FileExistsError(
                 f"{out} already holds a checkpoint ({existing or 'not a tiny checkpoint'}); "
                 f"wanted {params}. Pass overwrite=True (--overwrite) to replace it."
@@ -686,8 +699,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=96,
         help=(
             "maximum number of generated tokens per page, also the number of position "
-            "embeddings (default: %(default)s). Above 135, nougat's repetition "
-            "detection can flag pages, e.g. 400 exercises that path"
+            "embeddings (default: %(default)s). Pages typically end after 65-80%% of "
+            "it. Above ~260 the model is deliberately degenerate: nougat's repetition "
+            "detection blanks every page ([MISSING_PAGE_EMPTY] in predict.py), e.g. "
+            "use 400 to exercise that path"
         ),
     )
     parser.add_argument(

@@ -8,9 +8,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import faults
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes] | None = None) -> None:
+def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes] | None = None,
+                       before_replace: Callable[[], None] | None = None) -> None:
     """Write table to path so that readers see either the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
@@ -71,6 +75,8 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
             pq.write_table(table, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -158,7 +164,8 @@ class ChunkWriter:
             return None
         table = pa.Table.from_pylist(self._ready_rows, schema=PAGES_SCHEMA)
         path = self.pages_dir / f"part-r{self.rank:05d}-{self.seq:06d}.parquet"
-        atomic_write_table(table, path, {UNITS_KEY: json.dumps(self._ready_units).encode()})
+        atomic_write_table(table, path, {UNITS_KEY: json.dumps(self._ready_units).encode()},
+                           before_replace=lambda: faults.hit("commit"))
         log.debug("committed %s: %d rows, %d units", path.name, table.num_rows, len(self._ready_units))
         self.seq += 1
         self.committed_pages += table.num_rows
