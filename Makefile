@@ -6,7 +6,7 @@ REQS := requirements.txt requirements-dev.txt constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 export NLTK_DATA ?= $(CURDIR)/tests/fixtures/nltk_data
 
-.PHONY: venv test demo clean-demo
+.PHONY: venv test test-faults demo clean-demo
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): $(REQS)
 
 test: venv
 	$(PY) -m pytest
+
+test-faults: venv
+	$(PY) -m pytest -m faults
 
 demo: venv
 	$(PY) -m nougat_dist.demo

@@ -167,6 +167,11 @@ def _build_plan(cfg: Config, info: DistInfo) -> Plan:
                         f"{out} holds a manifest built from different inputs ({len(old)} documents "
                         f"there, {len(sources)} now). Use the same --input to resume, another "
                         "--output for a new job, or --rebuild-manifest to replace it.")
+                # Rows of the old inputs must not mix into the new dataset; keep them aside.
+                aside = out / f"pages.replaced-{int(time.time())}"
+                if (out / "pages").is_dir():
+                    (out / "pages").rename(aside)
+                    log.warning("--rebuild-manifest: previous page chunks moved to %s", aside)
                 old = None
             ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if cfg.test_fake_model is None else ""
             nltk_ok = ensure_nltk_words()

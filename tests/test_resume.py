@@ -1,0 +1,149 @@
+"""Kill anything at any instant, run again: every page exactly once, same text as an uninterrupted
+run. Also graceful stop (SIGTERM), injected GPU OOM, and stale temp files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_launch
+from nougat_dist.samples import write_long_pdf, write_sample_pdfs
+
+FAKE = ["--test-fake-model", "delay=0.05", "--unit-pages", "2", "--commit-pages", "4",
+        "--commit-seconds", "0.5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    write_sample_pdfs(d, n_docs=4, seed=7)
+    write_long_pdf(d / "book.pdf", 24)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run_launch(["--input", str(corpus), "--output", str(out), *FAKE], nproc=2)
+    return page_texts(out)
+
+
+def page_texts(out: Path) -> dict:
+    df = pd.read_parquet(out / "pages")
+    keys = list(zip(df.doc_id, df.page))
+    assert len(keys) == len(set(keys)), "duplicate (doc_id, page) rows"
+    return dict(zip(keys, df.text))
+
+
+def start(args: list[str], nproc: int, env: dict | None = None) -> subprocess.Popen:
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc else [sys.executable])
+    return subprocess.Popen([*cmd, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def rank_pids(proc: subprocess.Popen) -> list[int]:
+    out = subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "launch.py"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if int(p) != proc.pid]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("trial", range(10))
+def test_sigkill_at_a_random_moment_then_resume(tmp_path, corpus, reference, trial):
+    rng = random.Random(trial)
+    out = tmp_path / "out"
+    args = ["--input", str(corpus), "--output", str(out), *FAKE]
+    proc = start(args, nproc=2)
+    time.sleep(rng.uniform(2.0, 9.0))
+    if trial % 2 and proc.poll() is None:
+        # one rank only: torchrun notices and tears the others down
+        pids = rank_pids(proc)
+        if pids:
+            os.kill(rng.choice(pids), signal.SIGKILL)
+        time.sleep(1)
+    kill_group(proc)
+    run_launch(args, nproc=2)
+    assert page_texts(out) == reference
+    assert not list(out.rglob(".tmp-*"))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("point", ["commit:2", "commit:1@1", "manifest:2"])
+def test_killed_during_commit_or_manifest_build(tmp_path, corpus, reference, point):
+    out = tmp_path / "out"
+    args = ["--input", str(corpus), "--output", str(out), *FAKE]
+    proc = start(args, nproc=2, env={"NOUGAT_DIST_FAULT": point})
+    try:
+        proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    assert proc.returncode != 0
+    if point.startswith("commit"):
+        assert list((out / "pages").glob(".tmp-*")), "the fault should leave a half-done commit"
+    else:
+        assert not (out / "manifest.parquet").exists()
+    run_launch(args, nproc=2)
+    assert page_texts(out) == reference
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_sigterm_stops_within_a_batch_and_resumes(tmp_path, corpus, reference):
+    out = tmp_path / "out"
+    args = ["--input", str(corpus), "--output", str(out), "--test-fake-model", "delay=0.3",
+            "--unit-pages", "2", "--commit-pages", "4", "--batch-size", "2", "--device", "cpu"]
+    proc = start(args, nproc=0)
+    deadline = time.time() + 120
+    while not list((out / "pages").glob("part-*.parquet")) and time.time() < deadline:
+        time.sleep(0.2)
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as Slurm and Ctrl-C do
+    proc.wait(timeout=60)
+    stopped_in = time.time() - t0
+    assert proc.returncode == 75, proc.stderr.read()[-3000:]
+    assert not list(out.rglob(".tmp-*"))
+    assert not (out / "stats.json").exists()  # not complete yet
+    done = len(pd.read_parquet(out / "pages"))
+    assert 0 < done < len(reference)
+    print(f"stopped {stopped_in:.2f}s after SIGTERM")
+    run_launch(args)
+    texts = page_texts(out)
+    assert set(texts) == set(reference)
+    assert json.loads((out / "stats.json").read_text())["pages_resumed"] == done
+
+
+def test_injected_oom_halves_the_batch_and_output_is_unchanged(tmp_path, corpus, reference):
+    out = tmp_path / "out"
+    run_launch(["--input", str(corpus), "--output", str(out), "--test-fake-model",
+                "delay=0.01,oom_above=1", "--unit-pages", "2", "--batch-size", "4", "--device", "cpu"])
+    assert page_texts(out) == reference
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(r["oom_retries"] for r in stats["per_rank"]) > 0
+
+
+def test_changed_inputs_are_refused_unless_rebuild(tmp_path, corpus):
+    out = tmp_path / "out"
+    run_launch(["--input", str(corpus), "--output", str(out), *FAKE])
+    other = tmp_path / "other"
+    write_sample_pdfs(other, n_docs=1, seed=99)
+    proc = run_launch(["--input", str(other), "--output", str(out), *FAKE], check=False)
+    assert proc.returncode == 2 and "--rebuild-manifest" in proc.stderr
+    run_launch(["--input", str(other), "--output", str(out), *FAKE, "--rebuild-manifest"])
+    assert set(pd.read_parquet(out / "pages").source) == {str(p) for p in sorted(other.glob("*.pdf"))}
