@@ -3,6 +3,13 @@
 Archives (.rar, .zip, .tar, .tar.gz, .tgz) given directly, found in directories or listed in list
 files expand into one Source per PDF member; see `archives` for how members are read and how a
 password is given (env NOUGAT_DIST_ARCHIVE_PASSWORD).
+
+Remote inputs (see `download`): an http(s):// URL, an ``hf://`` Hub glob, or such lines in a list
+file (``URL`` or ``URL SHA256`` per line; ``.urls`` files are list files too). A remote document's
+Source.source is its spec, and its bytes are downloaded into the cache the first time they are
+read, so the ranks that inspect a share of the documents also download that share. Remote
+archives are the exception: rank 0 downloads them while discovering, because listing their
+members needs their bytes.
 """
 
 from __future__ import annotations
@@ -12,12 +19,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from . import archives
+from . import archives, download
 
 log = logging.getLogger(__name__)
-LIST_SUFFIXES = (".txt", ".lst", ".list")
+LIST_SUFFIXES = (".txt", ".lst", ".list", ".urls")
 #: Archive members that are documents (tests widen it to read other archives' text members).
 MEMBER_SUFFIXES: tuple[str, ...] = (".pdf",)
 _GLOB_CHARS = set("*?[")
@@ -83,17 +90,95 @@ def _walk_dir(root: Path) -> list[Source]:
     return found
 
 
+def _remote_spec(line: str, where: str) -> str:
+    """A list-file line ``URL`` or ``URL SHA256`` as a download spec."""
+    parts = line.split()
+    try:
+        if len(parts) == 1:
+            download.split_checksum(parts[0])  # validates a #sha256= fragment
+            return parts[0]
+        if len(parts) == 2:
+            return download.with_checksum(parts[0], parts[1])
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from e
+    raise InputError(f"{where}: expected 'URL' or 'URL SHA256', got {line!r}")
+
+
 def _read_list_file(path: Path) -> list[Source]:
     base = path.parent
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    items: list[Path | str] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
+            continue
+        if download.is_remote(line):
+            items.append(_remote_spec(line, f"{path}:{lineno}"))
             continue
         p = Path(line)
         # Relative entries are relative to the list file, so a list travels with its folder.
         # A missing entry stays a plain Source, so it becomes a "file not found" error row.
-        out.extend(_file_sources(p if p.is_absolute() else base / p))
+        items.append(p if p.is_absolute() else base / p)
+    _download_archives([i for i in items if isinstance(i, str)])
+    out = []
+    for item in items:
+        out.extend(_remote_sources(item) if isinstance(item, str) else _file_sources(item))
+    return out
+
+
+def _is_hf_glob(spec: str) -> bool:
+    # A bare repo (no path) counts as a glob over all of it.
+    return download.is_hf(spec) and bool(set("*?[") & set(download.parse_hf(spec).path or "*"))
+
+
+def _download_archives(specs: list[str]) -> None:
+    """Download the remote archives among specs in parallel (their members must be listed now).
+
+    Failures are not raised here: `_remote_sources` gets the same error from the downloader's
+    memory of failures and turns the archive into an error row.
+    """
+    wanted = [s for s in specs
+              if not _is_hf_glob(s) and archives.archive_kind(download.remote_name(s)) is not None]
+    if wanted:
+        download.default().fetch_many(wanted)
+
+
+def _remote_sources(spec: str) -> list[Source]:
+    """One remote file as Sources: itself, or one per PDF member of a remote archive."""
+    if _is_hf_glob(spec):
+        return _hf_sources(spec)
+    name = download.remote_name(spec)
+    if archives.archive_kind(name) is None:
+        return [Source(spec)]
+    if archives.is_later_volume(name):
+        # Cached files are named by URL hash, so rarfile could not find the other volumes anyway.
+        log.warning("skipping %s: a later volume of a multi-volume RAR (remote multi-volume RAR "
+                    "is not supported: download the volumes and give the first one)", spec)
+        return []
+    try:
+        local = download.fetch(spec)
+        members = archives.list_members(local, MEMBER_SUFFIXES)
+    except (download.DownloadError, archives.ArchiveError) as e:
+        log.warning("cannot list remote archive %s: %s", spec, e)
+        return [Source(spec, archives.WHOLE_ARCHIVE)]
+    if not members:
+        log.warning("archive %s holds no PDF", spec)
+    return [Source(spec, m) for m in members]
+
+
+def _hf_sources(spec: str) -> list[Source]:
+    """The PDFs and archives of a Hub repo matching the spec's glob, like walking a directory."""
+    try:
+        files = download.expand_hf(spec)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot list {spec} on the Hugging Face Hub: {e}") from e
+    files = [f for f in files if _is_pdf_name(download.remote_name(f))
+             or archives.archive_kind(download.remote_name(f)) is not None]
+    if not files:
+        raise InputError(f"{spec}: no PDF or archive in the repo matches the glob")
+    _download_archives(files)
+    out: list[Source] = []
+    for f in files:
+        out.extend(_remote_sources(f))
     return out
 
 
@@ -104,9 +189,16 @@ def discover(inputs: Iterable[str]) -> list[Source]:
     files that do not exist are kept and become error rows, since one stale line in a list of a
     million files should not stop the job.
     """
+    inputs = list(inputs)  # iterated twice: archives are downloaded first, in parallel
     sources: list[Source] = []
     missing: list[str] = []
+    _download_archives([_remote_spec(r, "--input") for r in inputs if download.is_remote(r)])
     for raw in inputs:
+        if download.is_remote(raw):
+            # Remote inputs are not checked for existence here: a dead link becomes an error row
+            # when the document is read, like a stale line of a list file.
+            sources.extend(_remote_sources(_remote_spec(raw, "--input")))
+            continue
         p = Path(raw)
         if p.is_dir():
             sources.extend(_walk_dir(p))
@@ -140,9 +232,35 @@ def discover(inputs: Iterable[str]) -> list[Source]:
 
 
 def read_bytes(src: Source) -> bytes:
-    """The document's bytes. Raises OSError (FileNotFoundError, archives.ArchiveError) when they
-    cannot be read; an archive member is read into memory, never extracted to disk."""
+    """The document's bytes. Raises OSError (FileNotFoundError, archives.ArchiveError,
+    download.DownloadError) when they cannot be read; an archive member is read into memory, never
+    extracted to disk; a remote file is downloaded into the cache once and read from there."""
+    path: str | Path = src.source
+    if download.is_remote(src.source):
+        path = download.fetch(src.source)
     if src.member is not None:
-        return archives.read_member(src.source, src.member)
-    with open(src.source, "rb") as f:
+        return archives.read_member(path, src.member)
+    with open(path, "rb") as f:
         return f.read()
+
+
+def pdf_input(src: Source) -> str | bytes:
+    """What to hand pypdfium2.PdfDocument: a local path when there is one (pdfium then reads pages
+    lazily instead of holding a whole book in memory), else the bytes (archive members)."""
+    if src.member is not None:
+        return read_bytes(src)
+    if download.is_remote(src.source):
+        return str(download.fetch(src.source))
+    return src.source
+
+
+def prefetch(sources: Sequence[Source], workers: int | None = None) -> int:
+    """Download the remote files among sources in parallel before they are inspected one by one.
+
+    workers defaults to $NOUGAT_DIST_DOWNLOAD_WORKERS (4). Failures are left for `read_bytes` to
+    report (the downloader remembers them, so they are not requested again). Returns how many
+    remote files were fetched or found in the cache.
+    """
+    specs = [s.source for s in sources if download.is_remote(s.source)]
+    results = download.default().fetch_many(specs, workers)
+    return sum(not isinstance(r, download.DownloadError) for r in results.values())
