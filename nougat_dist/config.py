@@ -26,6 +26,7 @@ class Config:
     batch_size: int = 0
     num_workers: int = 2
     prefetch_factor: int = 2
+    render_timeout: float = 120.0
     full_precision: bool = False
     markdown: bool = True
     skipping: bool = True
@@ -45,6 +46,8 @@ class Config:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
             raise ConfigError(f"--prefetch-factor must be >= 1, got {self.prefetch_factor}")
+        if self.render_timeout <= 0:
+            raise ConfigError(f"--render-timeout must be > 0 seconds, got {self.render_timeout}")
         if self.unit_pages < 1:
             raise ConfigError(f"--unit-pages must be >= 1, got {self.unit_pages}")
         if self.commit_pages < 1:
@@ -67,6 +70,9 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "DataLoader worker processes per rank that render pages ahead of the model "
     "(0 = render in the main process).",
     "prefetch_factor": "Batches each DataLoader worker prepares ahead.",
+    "render_timeout": "Seconds one page may take to render. A page that hangs or crashes the "
+    "renderer (hostile PDFs can do both) becomes a render_error row; the job goes on. Needs "
+    "--num-workers >= 1.",
     "full_precision": "Run the model in float32 instead of bfloat16 (same meaning as the nougat CLI).",
     "markdown": "Apply nougat's markdown_compatible postprocessing (default on; --no-markdown as the CLI).",
     "skipping": "Apply nougat's failure-detection heuristic (default on; --no-skipping as the CLI).",

@@ -22,7 +22,8 @@ from . import checkpoint, faults, gather, manifest
 from .config import Config
 from .dist import DistInfo, restart_count
 from .manifest import DocEntry, Unit
-from .raster import Batch, EncoderInput, LiveBatchSampler, PageDataset, make_loader
+from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate, make_loader,
+                     render_isolated)
 from .runner import (FakeModel, checkpoint_name, encoder_input_spec, is_oom, load_model,
                      page_results, resolve_checkpoint)
 from .scheduler import (ST_DONE_PAGES, StatusRounds, all_finished, apply_steals, assign,
@@ -221,6 +222,7 @@ class RankStats:
     wall_s: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
     oom_retries: int = 0
+    render_recoveries: int = 0
     rounds: int = 0
     work_start: float = 0.0  # epoch seconds: comparable across ranks, unlike monotonic clocks
     work_end: float = 0.0
@@ -305,8 +307,14 @@ def run(cfg: Config, info: DistInfo) -> int:
         return keys
 
     dataset = PageDataset(docs, EncoderInput(input_size, align))
-    loader = make_loader(dataset, LiveBatchSampler(next_unit_pages, batch_size), cfg.num_workers,
-                         cfg.prefetch_factor, pin_memory=info.device.type == "cuda")
+    sampler = LiveBatchSampler(next_unit_pages, batch_size)
+
+    def new_loader() -> torch.utils.data.DataLoader:
+        return make_loader(dataset, sampler, cfg.num_workers, cfg.prefetch_factor,
+                           pin_memory=info.device.type == "cuda",
+                           timeout=cfg.render_timeout * batch_size)
+
+    loader = new_loader()
     rounds = StatusRounds(info.world_size, info.control_group)
     bar = _progress_bar(info, plan)
 
@@ -393,7 +401,28 @@ def run(cfg: Config, info: DistInfo) -> int:
                     continue  # still nothing to do: wait for the next round
             if it is None:
                 it = iter(loader)
-            batch = next(it, None)
+            try:
+                batch = next(it, None)
+            except RuntimeError as e:
+                # A render worker died or a batch took longer than the render timeout (a hostile
+                # PDF can hang or crash pdfium). Drop the workers and redo every claimed page
+                # one at a time, each in a process of its own: only the guilty page is lost.
+                log.warning("render workers failed (%s); isolating the %d claimed page(s)",
+                            str(e).splitlines()[0], len(page_unit))
+                # The workers ignore SIGTERM (see raster._worker_init), so DataLoader's own
+                # terminate() would wait forever on a hung one: kill them outright.
+                for w in getattr(it, "_workers", []):
+                    if w.is_alive():
+                        w.kill()
+                it = None
+                loader = new_loader()
+                stats.render_recoveries += 1
+                pending = sorted(page_unit)
+                for i in range(0, len(pending), batch_size):
+                    items = [render_isolated(dataset, k, cfg.render_timeout)
+                             for k in pending[i:i + batch_size]]
+                    process(collate(items))
+                continue
             if batch is None:
                 it = None
                 continue
@@ -486,7 +515,8 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
              "units_stolen": p["units_stolen"],
              "pages_per_s": round(p["pages"] / p["busy_s"], 3) if p["busy_s"] else None,
              "busy_s": round(p["busy_s"], 3), "idle_s": round(p["idle_s"], 3),
-             "failures": p["failures"], "oom_retries": p["oom_retries"], "rounds": p["rounds"]}
+             "failures": p["failures"], "oom_retries": p["oom_retries"],
+             "render_recoveries": p["render_recoveries"], "rounds": p["rounds"]}
             for p in parts
         ],
         "config": {k: v for k, v in cfg.__dict__.items()},

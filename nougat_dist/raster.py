@@ -8,7 +8,10 @@ document-at-once loading is replaced by streaming single pages.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import signal
+import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -18,6 +21,7 @@ from nougat.model import SwinEncoder
 from nougat.transforms import test_transform
 from PIL import Image
 
+from . import faults
 from .manifest import DocEntry
 from .sources import Source, read_bytes
 
@@ -90,12 +94,11 @@ class PageDataset(torch.utils.data.Dataset):
         return len(self.docs)
 
     def __getitem__(self, key: tuple[int, int]) -> PageItem:
-        import time
-
         doc, page = key
         entry = self.docs[doc]
         if page == 0:
             return PageItem(doc, 0, None, entry.error or "PDF has 0 pages")
+        faults.hit_render(Path(entry.member or entry.source).name, page)
         t0 = time.perf_counter()
         try:
             pdf = self._document(doc)
@@ -174,10 +177,52 @@ class LiveBatchSampler:
 
 
 def make_loader(dataset: PageDataset, sampler: LiveBatchSampler, num_workers: int,
-                prefetch_factor: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+                prefetch_factor: int, pin_memory: bool, timeout: float = 0) -> torch.utils.data.DataLoader:
+    """Workers render ahead of the model. `timeout` bounds the wait for one batch, so a page whose
+    rendering hangs raises in the rank instead of stalling it (needs num_workers > 0)."""
     kwargs = {}
     if num_workers > 0:
         kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
-                      worker_init_fn=_worker_init)
+                      worker_init_fn=_worker_init, timeout=timeout)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate, pin_memory=pin_memory, **kwargs)
+
+
+def _render_child(dataset: PageDataset, key: tuple[int, int], conn: mp.connection.Connection) -> None:
+    _worker_init(0)
+    item = dataset[key]
+    # By value: torch would pass the tensor's storage as a file descriptor that dies with this
+    # short-lived process before the parent can open it.
+    image = item.image.numpy() if item.image is not None else None
+    conn.send((item.error, item.elapsed_ms, image))
+    conn.close()
+
+
+def render_isolated(dataset: PageDataset, key: tuple[int, int], timeout: float) -> PageItem:
+    """Render one page in a child process of its own, so a hang or a crash of pdfium costs only
+    this page. Used after the DataLoader failed; slower, so never on the normal path.
+
+    fork, not spawn: spawn would re-import torch and nougat for every page, and the child touches
+    only pdfium and the CPU preprocessing, never CUDA.
+    """
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_render_child, args=(dataset, key, send), daemon=True)
+    proc.start()
+    send.close()
+    doc, page = key
+    try:
+        if recv.poll(timeout):
+            try:
+                error, elapsed_ms, image = recv.recv()
+                tensor = torch.from_numpy(image) if image is not None else None
+                return PageItem(doc, page, tensor, error, elapsed_ms)
+            except EOFError:
+                pass  # the child died while sending; reported from its exit code below
+        else:
+            proc.kill()
+            return PageItem(doc, page, None, f"page {page}: rendering did not finish within {timeout:g}s")
+    finally:
+        proc.join(5)
+        recv.close()
+    return PageItem(doc, page, None, f"page {page}: the renderer crashed (exit code {proc.exitcode})")

@@ -1,0 +1,35 @@
+"""A page whose rendering hangs or crashes the renderer costs that page, not the rank or the job."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import run_launch
+from nougat_dist.samples import write_sample_pdfs
+
+
+@pytest.mark.parametrize("kind,reason", [("render-hang", "did not finish within"),
+                                         ("render-crash", "renderer crashed")])
+def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
+    pdfs = write_sample_pdfs(tmp_path / "in", n_docs=2, seed=0)
+    out = tmp_path / "out"
+    proc = run_launch(["--input", str(tmp_path / "in"), "--output", str(out), "--device", "cpu",
+                       "--test-fake-model", "delay=0", "--num-workers", "1", "--batch-size", "2",
+                       "--render-timeout", "3"],
+                      env={"NOUGAT_DIST_FAULT": f"{kind}:{pdfs[0].name}:2"}, timeout=240)
+    df = pd.read_parquet(out / "pages")
+    bad = df[(df.source == str(pdfs[0])) & (df.page == 2)]
+    assert list(bad.status) == ["render_error"] and reason in bad.error.iloc[0]
+    others = df.drop(bad.index)
+    assert (others.status == "ok").all()
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(df) == manifest.n_pages.sum()  # every other page is there, exactly once
+    assert len(set(zip(df.doc_id, df.page))) == len(df)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["failed_pages"] == 1 and stats["per_rank"][0]["render_recoveries"] == 1
+    assert "completed with 1 failed page(s)" in proc.stderr
+    docs = pd.read_parquet(out / "documents.parquet")
+    assert "[MISSING_PAGE_FAIL:2]" in docs[docs.source == str(pdfs[0])].text.iloc[0]
