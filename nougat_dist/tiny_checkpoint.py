@@ -470,8 +470,8 @@ def _calibrate(
     embeddings = decoder.embed_tokens.weight
     printable = torch.arange(BYTE_OFFSET + 0x20, BYTE_OFFSET + 0x7F)
     with torch.no_grad():
-        # Random printable text as decoder input; the states are dominated by the
-        # position embeddings and the cross-attention, so any text will do.
+        # Random printable text as decoder input: the token embeddings are small
+        # next to the position embeddings and the image, so any text will do.
         choice = torch.randint(len(printable), (encoded.shape[0], max_length), generator=generator)
         input_ids = printable[choice]
         input_ids[:, 0] = BOS_ID

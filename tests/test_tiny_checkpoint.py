@@ -16,6 +16,8 @@ from nougat import NougatModel
 from nougat.utils import checkpoint as nougat_checkpoint
 from nougat_dist.tiny_checkpoint import (
     CHECKPOINT_FILES,
+    FORMAT_VERSION,
+    MARKER_KEY,
     build_tiny_checkpoint,
     main,
     read_tiny_checkpoint_params,
@@ -72,7 +74,7 @@ def test_files_and_get_checkpoint_does_not_download(tiny_dir: Path) -> None:
     config = json.loads((tiny_dir / "config.json").read_text())
     assert config["max_length"] == config["max_position_embeddings"] == 96
     params = read_tiny_checkpoint_params(tiny_dir)
-    assert params == {"format_version": 1, "seed": 0, "max_length": 96}
+    assert params == {"format_version": FORMAT_VERSION, "seed": 0, "max_length": 96}
     # No absolute path baked in: the tokenizer is found relative to the load dir.
     assert str(tiny_dir.parent) not in (tiny_dir / "config.json").read_text()
 
@@ -100,34 +102,38 @@ def test_copied_checkpoint_loads_and_gives_page_dependent_text(
     assert output["repeats"] == [None, None]  # max_length 96 is below nougat's repetition horizon
 
 
-def test_same_seed_is_byte_identical_and_other_seed_differs(tiny_dir: Path, tmp_path: Path) -> None:
+def test_deterministic_idempotent_and_overwrite(tiny_dir: Path, tmp_path: Path) -> None:
     again = build_tiny_checkpoint(tmp_path / "again", seed=0)
     for name in CHECKPOINT_FILES:
         assert _sha256(again / name) == _sha256(tiny_dir / name), name
     other = build_tiny_checkpoint(tmp_path / "other", seed=1)
     assert _sha256(other / "pytorch_model.bin") != _sha256(tiny_dir / "pytorch_model.bin")
 
-
-def test_idempotent_and_overwrite(tiny_dir: Path, tmp_path: Path) -> None:
+    # Same parameters: reused untouched.
     before = {name: (tiny_dir / name).stat().st_mtime_ns for name in CHECKPOINT_FILES}
     assert build_tiny_checkpoint(tiny_dir, seed=0) == tiny_dir
     assert {name: (tiny_dir / name).stat().st_mtime_ns for name in CHECKPOINT_FILES} == before
 
+    # Different parameters: refused unless overwrite.
     with pytest.raises(FileExistsError):
-        build_tiny_checkpoint(tiny_dir, seed=1)
+        build_tiny_checkpoint(other, seed=0)
+    build_tiny_checkpoint(other, seed=0, overwrite=True)
+    params = read_tiny_checkpoint_params(other)
+    assert params == {"format_version": FORMAT_VERSION, "seed": 0, "max_length": 96}
+    assert _sha256(other / "pytorch_model.bin") == _sha256(tiny_dir / "pytorch_model.bin")
+    assert sorted(p.name for p in other.iterdir()) == sorted(CHECKPOINT_FILES)  # no staging left
 
-    copy = tmp_path / "copy"
-    shutil.copytree(tiny_dir, copy)
-    build_tiny_checkpoint(copy, seed=1, overwrite=True)
-    assert read_tiny_checkpoint_params(copy) == {"format_version": 1, "seed": 1, "max_length": 96}
-    assert sorted(p.name for p in copy.iterdir()) == sorted(CHECKPOINT_FILES)  # staging dir removed
 
-    # A half-written directory (no config.json yet) is completed, not refused.
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    (partial / "tokenizer.json").write_text("truncated")
-    build_tiny_checkpoint(partial, seed=0)
-    assert _sha256(partial / "pytorch_model.bin") == _sha256(tiny_dir / "pytorch_model.bin")
+def test_stale_format_is_rebuilt(tiny_dir: Path, tmp_path: Path) -> None:
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_dir, stale)
+    config = json.loads((stale / "config.json").read_text())
+    config[MARKER_KEY]["format_version"] = FORMAT_VERSION - 1
+    (stale / "config.json").write_text(json.dumps(config))
+    (stale / "pytorch_model.bin").write_bytes(b"old weights")
+    build_tiny_checkpoint(stale, seed=0)
+    assert _sha256(stale / "pytorch_model.bin") == _sha256(tiny_dir / "pytorch_model.bin")
+    assert read_tiny_checkpoint_params(stale) == read_tiny_checkpoint_params(tiny_dir)
 
 
 def test_max_length_sets_both_config_fields(tmp_path: Path) -> None:
