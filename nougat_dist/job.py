@@ -22,13 +22,13 @@ from . import checkpoint, faults, gather, manifest
 from .config import Config
 from .dist import DistInfo, restart_count
 from .manifest import DocEntry, Unit
-from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate, make_loader,
-                     render_isolated)
+from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate,
+                     discard_workers, make_loader, render_isolated)
 from .runner import (FakeModel, checkpoint_name, encoder_input_spec, is_oom, load_model,
                      page_results, resolve_checkpoint)
 from .scheduler import (ST_DONE_PAGES, StatusRounds, all_finished, apply_steals, assign,
                         plan_steals, stop_requested)
-from .sources import InputError, discover
+from .sources import InputError, discover, prefetch
 from .writer import ChunkWriter, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,8 @@ def _build_plan(cfg: Config, info: DistInfo) -> Plan:
 
     if entries is None:
         # Every rank hashes and counts the pages of its share of the documents.
+        # Remote documents of this rank's share download in parallel before being inspected.
+        prefetch(sources[info.rank::info.world_size])
         mine = manifest.build_entries(sources, info.rank, info.world_size)
         if info.distributed:
             parts: list[Any] = [None] * info.world_size
@@ -409,11 +411,7 @@ def run(cfg: Config, info: DistInfo) -> int:
                 # one at a time, each in a process of its own: only the guilty page is lost.
                 log.warning("render workers failed (%s); isolating the %d claimed page(s)",
                             str(e).splitlines()[0], len(page_unit))
-                # The workers ignore SIGTERM (see raster._worker_init), so DataLoader's own
-                # terminate() would wait forever on a hung one: kill them outright.
-                for w in getattr(it, "_workers", []):
-                    if w.is_alive():
-                        w.kill()
+                discard_workers(it)
                 it = None
                 loader = new_loader()
                 stats.render_recoveries += 1

@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import faults
 from .manifest import DocEntry
-from .sources import Source, read_bytes
+from .sources import Source, pdf_input
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class PageDataset(torch.utils.data.Dataset):
         self.close()
         e = self.docs[doc]
         src = Source(e.source, e.member)
-        pdf = pypdfium2.PdfDocument(src.source if e.member is None else read_bytes(src))
+        pdf = pypdfium2.PdfDocument(pdf_input(src))
         self._open_doc = (doc, pdf)
         return pdf
 
@@ -186,6 +186,29 @@ def make_loader(dataset: PageDataset, sampler: LiveBatchSampler, num_workers: in
                       worker_init_fn=_worker_init, timeout=timeout)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate, pin_memory=pin_memory, **kwargs)
+
+
+def discard_workers(it: object) -> None:
+    """Kill the workers of a failed DataLoader iterator (one may be hung inside pdfium).
+
+    This reaches into DataLoader internals on purpose: the workers ignore SIGTERM (see
+    _worker_init), so DataLoader's own terminate() cannot stop a hung one, and its SIGCHLD watch
+    would raise in this process the moment we kill one — so it is switched off first.
+    """
+    from torch.utils.data._utils import signal_handling
+
+    if getattr(it, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False  # type: ignore[attr-defined]
+    workers = list(getattr(it, "_workers", []))
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+    for w in workers:
+        w.join(5)
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _render_child(dataset: PageDataset, key: tuple[int, int], conn: mp.connection.Connection) -> None:

@@ -420,17 +420,6 @@ def test_hf_glob_expands_pinned_and_downloads_without_leaking_the_token(server, 
 
 # --- end to end ----------------------------------------------------------------------------------
 
-def _raster_reads_remote() -> bool:
-    import inspect as pyinspect
-
-    from nougat_dist import raster
-
-    return "pdf_input" in pyinspect.getsource(raster)
-
-
-@pytest.mark.xfail(not _raster_reads_remote(), strict=True,
-                   reason="raster.PageDataset opens Source.source as a local path; it needs "
-                          "sources.pdf_input(src) to render downloaded documents")
 def test_e2e_url_list(server, tmp_path, pdf, sample_pdfs):
     server.state.modes["/down.pdf"] = "404"
     listing = tmp_path / "papers.urls"
