@@ -26,5 +26,8 @@ test-faults: venv
 demo: venv
 	$(PY) -m nougat_dist.demo
 
+bench: venv
+	$(PY) bench/run.py
+
 clean-demo:
 	rm -rf demo-output .cache/demo
