@@ -12,12 +12,15 @@ import sys
 from typing import Callable
 
 from .postprocess import add_chunk_args, add_clean_args, run_chunk, run_clean
+from .status import add_status_args, run_status
 from .upload import add_upload_args, run_upload
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
 SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
+    "status": ("how a job is going (running, finished, stopped or crashed): pages done, "
+               "remaining, failed, speed, ETA; --watch refreshes", add_status_args, run_status),
     "clean": ("drop failed pages and MISSING_PAGE markers, normalise whitespace, remove repeated-"
               "line junk and low-quality pages, exact dedup; writes OUTPUT/clean/ and a report",
               add_clean_args, run_clean),

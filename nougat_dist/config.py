@@ -36,6 +36,7 @@ class Config:
     commit_pages: int = 256
     commit_seconds: float = 60.0
     rebuild_manifest: bool = False
+    plan_pages_per_s: float = 1.0
     log_level: str = "INFO"
     test_fake_model: str | None = None
 
@@ -84,6 +85,8 @@ FIELD_HELP: dict[str, str] = {
     "commit_seconds": "Also commit at least this often (seconds), so a crash loses little work.",
     "rebuild_manifest": "Rebuild out/manifest.parquet when the inputs changed since it was written "
     "(otherwise that is an error, so a resumed run never mixes two different input sets).",
+    "plan_pages_per_s": "Pages per second per rank assumed by --plan's wall-time estimate "
+    "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
     "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",
     "test_fake_model": argparse.SUPPRESS,  # testing only: see runner.FakeModel
 }
@@ -103,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun / Slurm job and write a Parquet dataset. Resumable: run the same command again.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--config", metavar="YAML", help="YAML file whose keys are flag names "
+                        "(e.g. batch-size: 8, no-steal: true); flags given on the command line "
+                        "override it.")
+    parser.add_argument("--print-config", action="store_true",
+                        help="Print the effective configuration as YAML and exit.")
+    parser.add_argument("--plan", action="store_true",
+                        help="Build (or load) the manifest, print documents, pages, duplicates, "
+                        "unreadable inputs, the split over ranks and an estimated wall time, then "
+                        "exit without OCR.")
     defaults = Config()
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
@@ -119,19 +131,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-    """Parse command-line flags into a validated Config (exits with a usage message on error)."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    if not ns.input:
-        parser.error("--input is required: give PDF files, directories, globs or list files")
-    if not ns.output:
-        parser.error("--output is required: the directory that will hold the dataset")
+# Flags that act on the run itself, not part of the job's configuration.
+ACTION_FLAGS = ("config", "print_config", "plan")
+
+
+def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Keys of a YAML config file, validated against the flags (keys = flag names)."""
+    import difflib
+
+    import yaml
+
     try:
-        return Config(**vars(ns))
-    except ConfigError as e:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        parser.error(f"cannot read --config {path}: {e}")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path} is not valid YAML: {e}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path} must be a mapping of flag names to values")
+    valid = [f.name for f in dataclasses.fields(Config) if f.name != "test_fake_model"]
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name.startswith("no_") and name[3:] in _NEGATED:
+            # `no-steal: true` as on the command line; `steal: false` works too
+            name, value = name[3:], not value
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            parser.error(f"--config {path}: unknown key {key!r}{hint}")
+        if name == "input" and isinstance(value, str):
+            value = [value]
+        out[name] = value
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse flags (over an optional YAML --config) into a validated Config.
+
+    Precedence: defaults < --config file < command-line flags. Returns the Config and the
+    action flags (print_config, plan). Exits with a usage message on error.
+    """
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_yaml_values(pre.config, parser))
+    ns = parser.parse_args(argv)
+    actions = argparse.Namespace(**{k: getattr(ns, k) for k in ACTION_FLAGS})
+    values = {k: v for k, v in vars(ns).items() if k not in ACTION_FLAGS}
+    if not values["input"]:
+        parser.error("--input is required (flag or config key): PDF files, directories, globs, "
+                     "list files or archives")
+    if not values["output"]:
+        parser.error("--output is required (flag or config key): the directory for the dataset")
+    try:
+        return Config(**values), actions
+    except (ConfigError, TypeError) as e:
         parser.error(str(e))
     raise AssertionError("unreachable")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The effective config as YAML whose keys are flag names (loadable with --config)."""
+    import yaml
+
+    data = {}
+    for f in dataclasses.fields(Config):
+        if f.name == "test_fake_model":
+            continue
+        value = getattr(cfg, f.name)
+        if f.name in _NEGATED:
+            data[_NEGATED[f.name][2:]] = not value
+        else:
+            data[f.name.replace("_", "-")] = value
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def output_path(cfg: Config) -> Path:

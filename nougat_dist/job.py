@@ -151,7 +151,7 @@ class Plan:
     committed_pages: int = 0
 
 
-def _build_plan(cfg: Config, info: DistInfo) -> Plan:
+def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
     out = Path(cfg.output)
     # Rank 0 decides what the job is; failures travel to every rank so nobody hangs in a barrier.
     head: Any
@@ -174,8 +174,9 @@ def _build_plan(cfg: Config, info: DistInfo) -> Plan:
                     (out / "pages").rename(aside)
                     log.warning("--rebuild-manifest: previous page chunks moved to %s", aside)
                 old = None
-            ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if cfg.test_fake_model is None else ""
-            nltk_ok = ensure_nltk_words()
+            needs_model = cfg.test_fake_model is None and not plan_only
+            ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if needs_model else ""
+            nltk_ok = ensure_nltk_words() if needs_model else True
             checkpoint.remove_temp_files(out)
             head = (sources if old is None else None, old, ckpt, nltk_ok)
         except (SetupError, InputError, OSError, RuntimeError) as e:
@@ -211,6 +212,61 @@ def _build_plan(cfg: Config, info: DistInfo) -> Plan:
         plan = Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total,
                     committed_pages=total - sum(weights))
     return _share(info, plan)
+
+
+def format_plan(plan: Plan, world_size: int, pages_per_s: float) -> str:
+    """What a run would do, for --plan: inputs, pages, duplicates, failures, split, estimate."""
+    entries = plan.entries
+    unreadable = [e for e in entries if e.error is not None]
+    archives = {e.source for e in entries if e.member is not None}
+    rank_pages = [sum(plan.units[u].n_pages for u in q) for q in plan.queues]
+    todo = sum(rank_pages)
+    lines = [
+        f"documents       {len(entries)} input(s), {len(plan.docs)} unique by content "
+        f"({len(entries) - len(plan.docs)} duplicate(s))",
+        f"archives        {len(archives)} ({sum(1 for e in entries if e.member is not None)} member(s))",
+        f"pages           {plan.total_pages} in total, {plan.committed_pages} already committed, "
+        f"{todo} to do in {len(plan.todo)} unit(s)",
+        f"unreadable      {len(unreadable)}",
+    ]
+    for e in unreadable[:20]:
+        lines.append(f"  {e.source}{'::' + e.member if e.member else ''}: {e.error}")
+    if len(unreadable) > 20:
+        lines.append(f"  ... and {len(unreadable) - 20} more (see manifest.parquet)")
+    lines.append(f"ranks           {world_size}: " + ", ".join(
+        f"r{r} {p} pages" for r, p in enumerate(rank_pages)))
+    est = max(rank_pages, default=0) / pages_per_s
+    lines.append(f"estimate        {est / 60:.1f} min at {pages_per_s:g} pages/s per rank "
+                 "(--plan-pages-per-s), before stealing evens out the ranks")
+    return "\n".join(lines)
+
+
+STATUS_FILE = "status.json"
+STATUS_EVERY_S = 2.0
+
+
+def write_live_status(out: Path, plan: Plan, status: list[list[int]], work_start: float,
+                      state: str) -> None:
+    """Rank 0's view of the job from the last status round, for `python -m nougat_dist status`."""
+    from .scheduler import ST_RATE_MILLI
+
+    done = sum(row[ST_DONE_PAGES] for row in status)
+    elapsed = max(time.time() - work_start, 1e-9)
+    todo = plan.total_pages - plan.committed_pages
+    rate = done / elapsed
+    body = {
+        "state": state,
+        "updated": time.time(),
+        "pages_total": plan.total_pages,
+        "pages_done": plan.committed_pages + done,
+        "pages_per_s": round(rate, 3),
+        "eta_s": round((todo - done) / rate, 1) if rate > 0 else None,
+        "ranks_alive": len(status),
+        "per_rank": [{"rank": r, "pages": row[ST_DONE_PAGES],
+                      "pages_per_s": round(row[ST_RATE_MILLI] / 1000, 3)}
+                     for r, row in enumerate(status)],
+    }
+    atomic_write_text(json.dumps(body, indent=2) + "\n", out / STATUS_FILE)
 
 
 @dataclass
@@ -258,12 +314,16 @@ class PageRunner:
                             pad_token_id=self.pad_token_id)
 
 
-def run(cfg: Config, info: DistInfo) -> int:
+def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     """Run this rank's part of the job. Returns the process exit code."""
     t_start = time.monotonic()
     out = Path(cfg.output)
     faults.configure(info.rank)
-    plan = _build_plan(cfg, info)
+    plan = _build_plan(cfg, info, plan_only)
+    if plan_only:
+        if info.is_main:
+            print(format_plan(plan, info.world_size, cfg.plan_pages_per_s))
+        return EXIT_OK
     if not plan.nltk_ok:
         _silence_nltk_download()
 
@@ -368,6 +428,8 @@ def run(cfg: Config, info: DistInfo) -> int:
 
     it = None
     last_done = 0
+    last_status_write = 0.0
+    status: list[list[int]] = []
     stopped = False
     stop = StopFlag()
     stop.install()
@@ -385,6 +447,9 @@ def run(cfg: Config, info: DistInfo) -> int:
                 if bar is not None:
                     bar.update(done - last_done)
                 last_done = done
+                if info.is_main and time.monotonic() - last_status_write >= STATUS_EVERY_S:
+                    write_live_status(out, plan, status, stats.work_start, "running")
+                    last_status_write = time.monotonic()
                 if all_finished(status):
                     break
                 if stop_requested(status):
@@ -434,6 +499,8 @@ def run(cfg: Config, info: DistInfo) -> int:
         dataset.close()
     stats.rounds = rounds.rounds
     stats.wall_s = time.monotonic() - t_start
+    if info.is_main and status:
+        write_live_status(out, plan, status, stats.work_start, "stopped" if stopped else "gathering")
     if stopped:
         log.warning("stopped on request after committing %d page(s) this run (%d unit(s) in "
                     "flight are redone on resume); run the same command again to resume",
@@ -521,6 +588,11 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
         "versions": _versions(),
     }
     atomic_write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", out / "stats.json")
+    atomic_write_text(json.dumps({"state": "finished", "updated": time.time(),
+                                  "pages_total": plan.total_pages, "pages_done": plan.total_pages,
+                                  "pages_per_s": result["pages_per_s"], "eta_s": 0,
+                                  "ranks_alive": 0, "per_rank": result["per_rank"]}, indent=2) + "\n",
+                      out / STATUS_FILE)
     msg = (f"done: {docs_table.num_rows} documents, {plan.total_pages} pages "
            f"({pages_done} this run, {plan.committed_pages} resumed) in {wall:.1f}s → {out}")
     if failed:

@@ -1,0 +1,42 @@
+"""The launcher's entry (`launch.py`, `nougat-dist`). Heavy imports wait until after parsing, so
+`--help` and `--print-config` answer at once and work in an environment without torch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from .config import parse_args, to_yaml
+
+EXIT_SETUP = 2
+log = logging.getLogger("nougat_dist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, actions = parse_args(argv)
+    if actions.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from . import dist as ndist
+    from . import log as nlog
+    from .job import SetupError, run
+    from .runner import CheckpointError
+
+    nlog.setup(None, 0)
+    rank = 0
+    try:
+        info = ndist.init(cfg.device)
+        rank = info.rank
+        nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
+        return run(cfg, info, plan_only=actions.plan)
+    except (SetupError, CheckpointError, ndist.DeviceError) as e:
+        if rank == 0:
+            log.error("%s", e)
+        return EXIT_SETUP
+    finally:
+        ndist.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`python -m nougat_dist status OUT`: how a job is going, from its output dir alone.
+
+Works on a running job (rank 0 rewrites status.json every few seconds), a finished one
+(stats.json) and a crashed or stopped one: done/remaining/failed always come from the committed
+chunks and the manifest, the only source of truth, so the numbers are right even when the live
+file is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+STALE_AFTER_S = 60.0
+
+
+def add_status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", help="The job's output directory (its --output).")
+    p.add_argument("--watch", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                   help="Refresh every SECONDS (default 5) until the job finishes; Ctrl-C to leave.")
+    p.add_argument("--json", action="store_true", help="Print the numbers as JSON instead of a table.")
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """Done / remaining / failed pages and the job's state."""
+    from .checkpoint import chunk_paths, committed_units
+    from .manifest import load, make_units, unique_docs
+
+    entries = load(out)
+    if entries is None:
+        raise FileNotFoundError(f"{out} has no manifest.parquet: not a nougat-dist output dir, "
+                                "or the job has not got past building its manifest")
+    docs = unique_docs(entries)
+    total = sum(u.n_pages for u in make_units(docs, 1))  # unit size does not change page counts
+    statuses: Counter[str] = Counter()
+    for p in chunk_paths(out):
+        statuses.update(pq.read_table(p, columns=["status"])["status"].to_pylist())
+    done = sum(statuses.values())
+    live: dict[str, Any] = {}
+    if (out / "status.json").exists():
+        live = json.loads((out / "status.json").read_text())
+    state = live.get("state", "not started" if done == 0 else "interrupted (no live status)")
+    age = time.time() - live["updated"] if "updated" in live else None
+    if (out / "stats.json").exists() and json.loads((out / "stats.json").read_text()).get("complete"):
+        state = "finished"
+    elif state == "running" and age is not None and age > STALE_AFTER_S:
+        state = f"not updated for {age:.0f}s: crashed or stalled (run the same command to resume)"
+    return {
+        "output": str(out), "state": state, "documents": len(docs), "pages_total": total,
+        "pages_done": done, "pages_remaining": max(total - done, 0),
+        "pages_failed": sum(n for s, n in statuses.items() if s in ("fail", "render_error", "error")),
+        "by_status": dict(sorted(statuses.items())), "units_committed": len(committed_units(out)),
+        "pages_per_s": live.get("pages_per_s"), "eta_s": live.get("eta_s") if state == "running" else None,
+        "per_rank": live.get("per_rank", []),
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    pct = 100 * info["pages_done"] / info["pages_total"] if info["pages_total"] else 100.0
+    eta = info["eta_s"]
+    lines = [
+        f"{info['output']}: {info['state']}",
+        f"  pages      {info['pages_done']} / {info['pages_total']} done ({pct:.1f}%), "
+        f"{info['pages_remaining']} remaining, {info['pages_failed']} failed",
+        f"  by status  " + (", ".join(f"{k} {v}" for k, v in info["by_status"].items()) or "-"),
+        f"  documents  {info['documents']}, units committed {info['units_committed']}",
+    ]
+    if info["pages_per_s"] is not None:
+        lines.append(f"  speed      {info['pages_per_s']} pages/s"
+                     + (f", ETA {eta / 60:.1f} min" if eta else ""))
+    if info["per_rank"]:
+        lines.append("  rank   pages   pages/s")
+        for r in info["per_rank"]:
+            lines.append(f"  {r['rank']:>4} {r['pages']:>7} {r.get('pages_per_s') or 0:>9}")
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    while True:
+        info = collect(out)
+        text = json.dumps(info, indent=2) if args.json else render(info)
+        if args.watch is None:
+            print(text)
+            return 0
+        print("\033[2J\033[H" + text, flush=True)
+        if info["state"] == "finished":
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
