@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={args.nproc}", str(ROOT / "launch.py"), "--input", str(pdf_dir),
+           f"--nproc_per_node={args.nproc}", str(ROOT / "launch.py"),
+           "--config", str(ROOT / "examples" / "run.yaml"), "--input", str(pdf_dir),
            "--output", str(out), "--checkpoint", str(ckpt), "--device", "cpu"]
     print("$", " ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -56,6 +56,7 @@ def collect(out: Path) -> dict[str, Any]:
         "pages_done": done, "pages_remaining": max(total - done, 0),
         "pages_failed": sum(n for s, n in statuses.items() if s in ("fail", "render_error", "error")),
         "by_status": dict(sorted(statuses.items())), "units_committed": len(committed_units(out)),
+        "pages_processed_live": live.get("pages_done") if state == "running" else None,
         "pages_per_s": live.get("pages_per_s"), "eta_s": live.get("eta_s") if state == "running" else None,
         "per_rank": live.get("per_rank", []),
     }
@@ -66,8 +67,10 @@ def render(info: dict[str, Any]) -> str:
     eta = info["eta_s"]
     lines = [
         f"{info['output']}: {info['state']}",
-        f"  pages      {info['pages_done']} / {info['pages_total']} done ({pct:.1f}%), "
-        f"{info['pages_remaining']} remaining, {info['pages_failed']} failed",
+        f"  pages      {info['pages_done']} / {info['pages_total']} committed ({pct:.1f}%), "
+        f"{info['pages_remaining']} remaining, {info['pages_failed']} failed"
+        + (f"; {info['pages_processed_live']} processed (commits follow --commit-pages/-seconds)"
+           if info.get("pages_processed_live") is not None else ""),
         f"  by status  " + (", ".join(f"{k} {v}" for k, v in info["by_status"].items()) or "-"),
         f"  documents  {info['documents']}, units committed {info['units_committed']}",
     ]
