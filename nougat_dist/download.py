@@ -44,6 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
+from .writer import fsync_dir
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "NOUGAT_DIST_CACHE"
@@ -276,21 +278,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename durable; some filesystems (and all of Windows) cannot open a dir, which
-    # only costs durability on power loss, not correctness.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -466,7 +453,7 @@ class Downloader:
                 part.unlink(missing_ok=True)
                 raise DownloadError(f"sha256 mismatch for {url}: expected {sha}, got {got} (download discarded)")
         os.replace(part, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def _attempt(self, url: str, part: Path, headers: dict[str, str]) -> None:
         """One HTTP request, appending to part. Returns when part holds the whole file."""

@@ -50,7 +50,8 @@ PAGES_DIR = "pages"
 TMP_PREFIX = ".tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort where a directory cannot be fsynced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -81,7 +82,7 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -92,7 +93,7 @@ def atomic_write_text(text: str, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def chunk_units(path: Path) -> list[str]:
