@@ -197,6 +197,31 @@ def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 @dataclass
+class Variant:
+    """A modified launcher run beside the default one: extra flags, environment, or code root."""
+
+    name: str
+    flags: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    root: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        """NAME=ITEM ITEM...: an item is a launcher flag, env:KEY=VALUE, or root:DIR."""
+        name, _, rest = text.partition("=")
+        v = cls(name)
+        for item in rest.split():
+            if item.startswith("env:"):
+                k, _, val = item[4:].partition("=")
+                v.env[k] = val
+            elif item.startswith("root:"):
+                v.root = item[5:]
+            else:
+                v.flags.append(item)
+        return v
+
+
+@dataclass
 class Runner:
     args: argparse.Namespace
     tmp: Path
@@ -220,12 +245,21 @@ class Runner:
                 f"--nproc_per_node={ranks}", *base]
 
     def launcher(self, pdfs: Sequence[Path], ckpt: Path, *, ranks: int = 1, batch: int,
-                 memory: bool = False, flags: Sequence[str] = ()) -> dict[str, Any]:
+                 memory: bool = False, flags: Sequence[str] = (), variant: Variant | None = None,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
         out = self._out(f"launch{ranks}")
-        extra = dict(kv.split("=", 1) for kv in self.args.launcher_env)
+        extra = dict(env or {})
+        extra.update(kv.split("=", 1) for kv in self.args.launcher_env)
+        root = Path(self.args.launcher_root)
         cmd = self.launcher_cmd(pdfs, ckpt, out, ranks, batch) + list(flags)
-        t = run_cmd(cmd, env=bench_env(extra),
-                    cwd=Path(self.args.launcher_root), sample_memory=memory)
+        if variant is not None:
+            extra.update(variant.env)
+            cmd += variant.flags
+            if variant.root is not None:
+                cmd = [str(Path(variant.root) / "launch.py") if c == str(root / "launch.py") else c
+                       for c in cmd]
+                root = Path(variant.root)
+        t = run_cmd(cmd, env=bench_env(extra), cwd=root, sample_memory=memory)
         stats = json.loads((out / "stats.json").read_text())
         pages = stats["pages_this_run"]
         shutil.rmtree(out, ignore_errors=True)
@@ -234,11 +268,12 @@ class Runner:
                 "idle_fraction": stats["idle_fraction"], "peak_rss": t.peak_rss,
                 "peak_pss": t.peak_pss}
 
-    def cli(self, pdfs: Sequence[Path], ckpt: Path, *, batch: int, memory: bool = False) -> dict[str, Any]:
+    def cli(self, pdfs: Sequence[Path], ckpt: Path, *, batch: int, memory: bool = False,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
         out = self._out("cli")
         nougat = Path(sys.executable).parent / "nougat"
         t = run_cmd([str(nougat), *map(str, pdfs), "-o", str(out), "--checkpoint", str(ckpt),
-                     "-b", str(batch)], env=bench_env(), cwd=ROOT, sample_memory=memory)
+                     "-b", str(batch)], env=bench_env(env), cwd=ROOT, sample_memory=memory)
         written = len(list(out.glob("*.mmd")))
         shutil.rmtree(out, ignore_errors=True)
         if written != len(pdfs):
@@ -338,8 +373,15 @@ def scenario_throughput(run: Runner, inp: Inputs, args: argparse.Namespace, log)
         "launcher": lambda: run.launcher(inp.papers, inp.tiny, batch=b),
         "cli": lambda: run.cli(inp.papers, inp.tiny, batch=b),
     }
+    if args.cli_1thread:
+        # The stock CLI with one intra-op thread, as the launcher's model runs here: separates
+        # what the launcher's design buys from what its thread setting buys.
+        cases["cli_1thread"] = lambda: run.cli(inp.papers, inp.tiny, batch=b,
+                                               env={"OMP_NUM_THREADS": "1"})
     if args.skip_cli:
         del cases["cli"]
+    for v in map(Variant.parse, args.variant):
+        cases[f"launcher[{v.name}]"] = lambda v=v: run.launcher(inp.papers, inp.tiny, batch=b, variant=v)
     r = interleave(args.reps, cases, log)
     # The bound is the model's best configuration on this machine: on 2 shared cores one
     # intra-op thread often beats two (OpenMP threads wait on each other whenever another
@@ -355,10 +397,17 @@ def scenario_throughput(run: Runner, inp: Inputs, args: argparse.Namespace, log)
                            "launcher_wall_pps": med(r["launcher"], "wall_pps"),
                            "launcher_work_vs_model": paired(r["launcher"], "work_pps", r["model_only"], "pps"),
                            "launcher_wall_vs_model": paired(r["launcher"], "wall_pps", r["model_only"], "pps")}
+    res["variants"] = {n[9:-1]: {"work_pps": med(x, "work_pps"), "wall_pps": med(x, "wall_pps"),
+                                 "work_vs_default": paired(x, "work_pps", r["launcher"], "work_pps"),
+                                 "work_vs_model": paired(x, "work_pps", r["model_only"], "pps")}
+                       for n, x in r.items() if n.startswith("launcher[")}
     if "cli" in r:
         res.update(cli_wall_pps=med(r["cli"], "wall_pps"),
                    launcher_wall_vs_cli=paired(r["launcher"], "wall_pps", r["cli"], "wall_pps"),
                    launcher_work_vs_cli=paired(r["launcher"], "work_pps", r["cli"], "wall_pps"))
+    if "cli_1thread" in r:
+        res.update(cli_1thread_wall_pps=med(r["cli_1thread"], "wall_pps"),
+                   launcher_wall_vs_cli_1thread=paired(r["launcher"], "wall_pps", r["cli_1thread"], "wall_pps"))
     return res
 
 
@@ -369,13 +418,28 @@ def scenario_realistic(run: Runner, inp: Inputs, args: argparse.Namespace, log) 
     cases = {
         "model_only": lambda: run.model_only(inp.realistic_papers, inp.realistic, batch=b,
                                              full_precision=fp32),
+        "model_only_1thread": lambda: run.model_only(inp.realistic_papers, inp.realistic, batch=b,
+                                                     full_precision=fp32, threads=1),
         "launcher": lambda: run.launcher(inp.realistic_papers, inp.realistic, batch=b,
                                          flags=["--full-precision"] if fp32 else []),
     }
+    for v in map(Variant.parse, args.variant):
+        cases[f"launcher[{v.name}]"] = lambda v=v: run.launcher(
+            inp.realistic_papers, inp.realistic, batch=b, variant=v,
+            flags=["--full-precision"] if fp32 else [])
     r = interleave(args.real_reps, cases, log)
+    r["model_only_all_threads"] = r["model_only"]
+    r["model_only"] = [max(a, c, key=lambda x: x["pps"])
+                       for a, c in zip(r["model_only_all_threads"], r["model_only_1thread"])]
+    variants = {n[9:-1]: {"work_pps": med(x, "work_pps"),
+                          "work_vs_default": paired(x, "work_pps", r["launcher"], "work_pps"),
+                          "work_vs_model": paired(x, "work_pps", r["model_only"], "pps")}
+                for n, x in r.items() if n.startswith("launcher[")}
     return {"pages": r["launcher"][0]["pages"], "batch_size": b, "max_length": args.real_max_length,
-            "dtype": "float32" if fp32 else "bfloat16",
+            "dtype": "float32" if fp32 else "bfloat16", "variants": variants,
             "runs": r, "model_only_pps": med(r["model_only"], "pps"),
+            "model_only_all_threads_pps": med(r["model_only_all_threads"], "pps"),
+            "model_only_1thread_pps": med(r["model_only_1thread"], "pps"),
             "launcher_work_pps": med(r["launcher"], "work_pps"),
             "launcher_wall_pps": med(r["launcher"], "wall_pps"),
             "launcher_work_vs_model": paired(r["launcher"], "work_pps", r["model_only"], "pps"),
@@ -398,11 +462,14 @@ def scenario_ranks(run: Runner, inp: Inputs, args: argparse.Namespace, log) -> d
 def scenario_memory(run: Runner, inp: Inputs, args: argparse.Namespace, log) -> dict[str, Any]:
     b = args.batch_size
     ck = inp.tiny_short
+    # One intra-op thread for both: peak memory does not depend on it, and on 2 shared cores two
+    # threads made the CLI's 500 pages take many minutes (see the throughput scenario).
+    one = {"OMP_NUM_THREADS": "1"}
     cases: dict[str, Callable[[], dict[str, Any]]] = {
-        "launcher_5": lambda: run.launcher([inp.long5], ck, batch=b, memory=True),
-        "launcher_long": lambda: run.launcher([inp.long500], ck, batch=b, memory=True),
-        "cli_5": lambda: run.cli([inp.long5], ck, batch=b, memory=True),
-        "cli_long": lambda: run.cli([inp.long500], ck, batch=b, memory=True),
+        "launcher_5": lambda: run.launcher([inp.long5], ck, batch=b, memory=True, env=one),
+        "launcher_long": lambda: run.launcher([inp.long500], ck, batch=b, memory=True, env=one),
+        "cli_5": lambda: run.cli([inp.long5], ck, batch=b, memory=True, env=one),
+        "cli_long": lambda: run.cli([inp.long500], ck, batch=b, memory=True, env=one),
     }
     if args.skip_cli:
         del cases["cli_5"], cases["cli_long"]
@@ -510,12 +577,13 @@ def scale_worker(spec: dict[str, Any]) -> None:
     # Rank 0 pickles the plan but never unpickles it (broadcast_object_list hands the source its
     # own object): its peak is taken here. The other ranks' unpickle is timed after it.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    table_bytes = table.nbytes
     del table
     stage("plan_unpickle_other_ranks", lambda: pickle.loads(blob) and None)
     total = sum(v for k, v in sec.items() if k != "entries")
     print(json.dumps({"docs": n, "units": len(units), "world": world, "seconds": sec,
                       "total_s_excl_entries": total, "peak_rss": peak, "steals": len(steals),
-                      "plan_pickle_bytes": len(blob), "manifest_table_bytes": table.nbytes}))
+                      "plan_pickle_bytes": len(blob), "manifest_table_bytes": table_bytes}))
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -548,12 +616,19 @@ def table(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tuple[s
             ("    launcher 1 rank, total wall (startup incl.)", f"{t['launcher_wall_pps']:.2f} pages/s",
              f"{t['launcher_wall_vs_model']:.2f} x model-only"),
         ]
+        for name, v in t.get("variants", {}).items():
+            rows.append((f"    variant {name}: launcher 1 rank, work phase", f"{v['work_pps']:.2f} pages/s",
+                         f"{v['work_vs_model']:.2f} x model-only, {v['work_vs_default']:.2f} x default"))
         checks.append(("launcher 1 rank >= 0.9x model-only (tiny, work phase)",
                        t["launcher_work_vs_model"] >= 0.9, f"{t['launcher_work_vs_model']:.2f}"))
         if "cli_wall_pps" in t:
             rows += [("(3) stock nougat CLI, total wall", f"{t['cli_wall_pps']:.2f} pages/s",
                       f"launcher {t['launcher_wall_vs_cli']:.2f} x CLI (wall), "
                       f"{t['launcher_work_vs_cli']:.2f} x (work)")]
+            if "cli_1thread_wall_pps" in t:
+                rows.append(("    stock CLI with OMP_NUM_THREADS=1, total wall",
+                             f"{t['cli_1thread_wall_pps']:.2f} pages/s",
+                             f"launcher {t['launcher_wall_vs_cli_1thread']:.2f} x (wall)"))
             checks.append(("launcher 1 rank >= 1.3x stock CLI (tiny, both total wall)",
                            t["launcher_wall_vs_cli"] >= 1.3, f"{t['launcher_wall_vs_cli']:.2f}"))
     r = res.get("realistic")
@@ -561,11 +636,16 @@ def table(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tuple[s
         rows += [
             (f"(1') model-only bound, 0.1.0-small arch, max_length {r['max_length']}, "
              f"{r['dtype']}, batch {r['batch_size']}, {r['pages']} pages", f"{r['model_only_pps']:.3f} pages/s", "1.00"),
+            (f"    model-only, {res['machine']['cores']} threads / 1 thread (bound = faster per rep)",
+             f"{r['model_only_all_threads_pps']:.3f} / {r['model_only_1thread_pps']:.3f} pages/s", ""),
             ("(2') launcher 1 rank, work phase", f"{r['launcher_work_pps']:.3f} pages/s",
              f"{r['launcher_work_vs_model']:.2f} x model-only"),
             ("    launcher 1 rank, total wall", f"{r['launcher_wall_pps']:.3f} pages/s",
              f"{r['launcher_wall_vs_model']:.2f} x model-only"),
         ]
+        for name, v in r.get("variants", {}).items():
+            rows.append((f"    variant {name}: launcher 1 rank, work phase", f"{v['work_pps']:.3f} pages/s",
+                         f"{v['work_vs_model']:.2f} x model-only, {v['work_vs_default']:.2f} x default"))
         checks.append(("realistic arch: launcher >= 0.95x model-only (work phase)",
                        r["launcher_work_vs_model"] >= 0.95, f"{r['launcher_work_vs_model']:.2f}"))
     k = res.get("ranks")
@@ -644,7 +724,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="fewer pages and repetitions (a smoke run, numbers are noisier)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the tiny throughput runs")
-    ap.add_argument("--docs", type=int, default=12, help="sample papers for throughput (2-6 pages each)")
+    ap.add_argument("--docs", type=int, default=8, help="sample papers for throughput (2-6 pages each)")
     ap.add_argument("--batch-size", type=int, default=4, help="same for launcher, CLI and model-only")
     ap.add_argument("--unit-pages", type=int, default=16, help="must match the launcher's --unit-pages")
     ap.add_argument("--real-pages", type=int, default=4)
@@ -663,12 +743,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--scale-docs", type=int, default=1_000_000)
     ap.add_argument("--scale-world", type=int, default=64)
     ap.add_argument("--skip-cli", action="store_true", help="leave out the stock CLI runs")
+    ap.add_argument("--cli-1thread", action="store_true",
+                    help="also run the stock CLI with OMP_NUM_THREADS=1 in the throughput scenario")
     ap.add_argument("--launcher-root", default=str(ROOT),
                     help="directory holding launch.py + nougat_dist/ to measure (e.g. a patched copy)")
     ap.add_argument("--launcher-arg", action="append", default=[],
                     help="extra flag for every launcher run, e.g. --launcher-arg=--num-workers=1")
     ap.add_argument("--launcher-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for every launcher run, e.g. OMP_NUM_THREADS=2")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ITEMS",
+                    help="an extra launcher case in throughput/realistic, interleaved with the "
+                    "default one; ITEMS: launcher flags, env:KEY=VALUE, root:DIR (a patched copy), "
+                    "e.g. --variant 'w1=--num-workers=1 env:OMP_NUM_THREADS=1'")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--_model-only", dest="model_only", help=argparse.SUPPRESS)
     ap.add_argument("--_scale", dest="scale", help=argparse.SUPPRESS)
