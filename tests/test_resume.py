@@ -52,12 +52,16 @@ def start(args: list[str], nproc: int, env: dict | None = None) -> subprocess.Po
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen, out: Path) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait(timeout=60)
+    # torchrun starts each rank in a session of its own, so a rank whose agent was SIGKILLed
+    # outlives the group kill (blocked in a collective until the process-group timeout).
+    # Real clusters reap it with the job; here it must not leak into the next trial.
+    subprocess.run(["pkill", "-9", "-f", "--", f"--output {out}"], check=False)
 
 
 def rank_pids(proc: subprocess.Popen) -> list[int]:
@@ -79,7 +83,7 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, corpus, reference, tri
         if pids:
             os.kill(rng.choice(pids), signal.SIGKILL)
         time.sleep(1)
-    kill_group(proc)
+    kill_group(proc, out)
     run_launch(args, nproc=2)
     assert page_texts(out) == reference
     assert not list(out.rglob(".tmp-*"))
@@ -94,7 +98,7 @@ def test_killed_during_commit_or_manifest_build(tmp_path, corpus, reference, poi
     try:
         proc.wait(timeout=120)
     finally:
-        kill_group(proc)
+        kill_group(proc, out)
     assert proc.returncode != 0
     if point.startswith("commit"):
         assert list((out / "pages").glob(".tmp-*")), "the fault should leave a half-done commit"
