@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     from .job import SetupError, run
     from .runner import CheckpointError
 
+    # `kill -QUIT <pid>` prints every thread's Python stack to stderr: how to see where a stuck
+    # rank (or one of its render workers, which inherit this) is waiting.
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     nlog.setup(None, 0)
     rank = 0
     try:

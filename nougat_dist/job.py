@@ -435,6 +435,9 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     stop.install()
     stats.work_start = time.time()
     try:
+        # Fork the render workers before the first status round is in flight: a fork while a
+        # collective runs on a background thread copies whatever locks that thread holds.
+        it = iter(loader)
         rounds.post(vector())
         while True:
             idle = it is None and state["ptr"] >= len(my_queue)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +48,32 @@ def run_launch(args: list[str], *, nproc: int = 0, timeout: float = 300,
     else:
         cmd = [sys.executable, str(ROOT / "launch.py"), *args]
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    popen = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _stacks_then_kill(popen, args)
+        raise AssertionError(f"{cmd} did not finish within {timeout}s; every process's Python "
+                             f"stacks (SIGQUIT) are at the end of its stderr:\n{stderr[-20000:]}")
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _stacks_then_kill(popen: subprocess.Popen, args: list[str]) -> tuple[str, str]:
+    """A hung run: ask every process of it for its stacks (the launcher registers faulthandler on
+    SIGQUIT), then kill them all. torchrun puts each rank in a session of its own, so ranks are
+    found by their --output argument as well as by the launcher's process group."""
+    out = args[args.index("--output") + 1] if "--output" in args else None
+    pattern = ["-f", "--", f"--output {out}"] if out else ["-s", str(popen.pid)]
+    subprocess.run(["pkill", "-QUIT", *pattern], check=False)
+    time.sleep(3)
+    subprocess.run(["pkill", "-KILL", *pattern], check=False)
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return popen.communicate(timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,26 @@ def test_status_of_finished_running_and_crashed_dirs(tmp_path):
     table = subprocess.run([sys.executable, "-m", "nougat_dist", "status", str(out)], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout
     assert "remaining" in table and "ETA" in table
+
+
+def test_sigquit_prints_every_thread_stack_and_the_run_goes_on(tmp_path):
+    write_sample_pdfs(tmp_path / "in", n_docs=1, seed=3)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--input", str(tmp_path / "in"),
+                             "--output", str(out), "--test-fake-model", "delay=0.4", "--device", "cpu",
+                             "--num-workers", "1"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "status.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGQUIT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Current thread" in err and "nougat_dist/job.py" in err, err[-3000:]
+    assert json.loads((out / "stats.json").read_text())["complete"]
 
 
 def test_pip_install_editable_gives_a_console_script(tmp_path):
