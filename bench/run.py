@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -518,19 +518,19 @@ def scenario_scale(run: Runner, inp: Inputs, args: argparse.Namespace, log) -> d
 
 
 def scale_worker(spec: dict[str, Any]) -> None:
-    """Child process: what rank 0 does with a 1M-document manifest, stage by stage.
+    """Child process: what rank 0 does with a 1M-document manifest, stage by stage, through the
+    job's own functions; then, in a process of its own, what every other rank does with the plan.
 
     DocEntry objects are built directly (no hashing or PDF parsing: that work is spread over all
     ranks and bounded by I/O). Page counts follow a long tail like real collections: mostly
-    papers, some books. The stages mirror job._build_plan and one status round of job.run.
+    papers, some books. The manifest is written (a new job) and read back (a resumed one).
     """
     import pickle
     import random
-    import resource
 
-    from nougat_dist import manifest
+    from nougat_dist import job, manifest
     from nougat_dist.manifest import DocEntry
-    from nougat_dist.scheduler import ST_CLAIMED, ST_RATE_MILLI, ST_RESERVE, STATUS_LEN, assign, plan_steals
+    from nougat_dist.scheduler import ST_CLAIMED, ST_RATE_MILLI, ST_RESERVE, STATUS_LEN, plan_steals
 
     n, world = spec["docs"], spec["world"]
     rng = random.Random(0)
@@ -551,39 +551,68 @@ def scale_worker(spec: dict[str, Any]) -> None:
                                 pages * 60_000, h))
         return out
 
-    entries = stage("entries", make_entries)
-    docs = stage("unique_docs", lambda: manifest.unique_docs(entries))
-    units = stage("make_units", lambda: manifest.make_units(docs, 16))
-    done: set[str] = set()
-    todo = stage("todo_filter", lambda: [i for i, u in enumerate(units)
-                                          if u.key(docs[u.doc].doc_id) not in done])
-    weights = [units[i].n_pages for i in todo]
-    queues = stage("assign", lambda: assign(weights, world))
-    # job._share pickles the whole Plan for broadcast_object_list; every rank unpickles it.
-    blob = stage("plan_pickle", lambda: pickle.dumps((entries, docs, units, todo, queues)))
-    table = stage("manifest_to_table", lambda: manifest.to_table(entries))
-    weight_list = [0] * len(units)
-    for i, w in zip(todo, weights):
-        weight_list[i] = w
-    # one round early in the job: every rank claimed a few units, rank 0 is idle, rates differ
-    status = []
-    for r in range(world):
-        row = [0] * STATUS_LEN
-        row[ST_CLAIMED] = len(queues[r]) if r == 0 else 2
-        row[ST_RATE_MILLI] = 2000 + 100 * r
-        row[ST_RESERVE] = 1
-        status.append(row)
-    steals = stage("plan_steals_round", lambda: plan_steals(queues, status, weight_list))
-    # Rank 0 pickles the plan but never unpickles it (broadcast_object_list hands the source its
-    # own object): its peak is taken here. The other ranks' unpickle is timed after it.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    table_bytes = table.nbytes
-    del table
-    stage("plan_unpickle_other_ranks", lambda: pickle.loads(blob) and None)
+    with tempfile.TemporaryDirectory(prefix="nougat-scale-") as tmp:
+        out_dir = Path(tmp)
+        entries = stage("entries", make_entries)
+        stage("manifest_write", lambda: manifest.write(out_dir, entries))
+        del entries
+        entries = stage("manifest_load", lambda: manifest.load(out_dir))
+        plan = stage("decide_plan", lambda: job.decide_plan(out_dir, entries, 16, world))
+        # what broadcast_object_list does with the message on rank 0
+        blob = stage("plan_message_pickle", lambda: pickle.dumps(job.plan_message(plan)))
+        weights = job.unit_weights(plan)
+        # one round early in the job: every rank claimed a few units, rank 0 is idle, rates differ
+        status = []
+        for r in range(world):
+            row = [0] * STATUS_LEN
+            row[ST_CLAIMED] = len(plan.queues[r]) if r == 0 else 2
+            row[ST_RATE_MILLI] = 2000 + 100 * r
+            row[ST_RESERVE] = 1
+            status.append(row)
+        steals = stage("plan_steals_round", lambda: plan_steals(plan.queues, status, weights))
+        peak = _vm_hwm()
+        (out_dir / "plan.pickle").write_bytes(blob)
+        other = subprocess.run([sys.executable, str(BENCH / "run.py"), "--_scale-other",
+                                json.dumps({"blob": str(out_dir / "plan.pickle"), "unit_pages": 16})],
+                               capture_output=True, text=True, check=True, env=bench_env(), cwd=ROOT)
+        other_res = json.loads(other.stdout.strip().splitlines()[-1])
+    sec.update({f"other_rank_{k}": v for k, v in other_res["seconds"].items()})
+    # the critical path to the first page: rank 0 decides, then every other rank rebuilds
     total = sum(v for k, v in sec.items() if k != "entries")
-    print(json.dumps({"docs": n, "units": len(units), "world": world, "seconds": sec,
+    print(json.dumps({"docs": n, "units": len(plan.units), "world": world, "seconds": sec,
                       "total_s_excl_entries": total, "peak_rss": peak, "steals": len(steals),
-                      "plan_pickle_bytes": len(blob), "manifest_table_bytes": table_bytes}))
+                      "plan_message_bytes": len(blob),
+                      "other_rank_total_s": sum(other_res["seconds"].values()),
+                      "other_rank_peak_rss": other_res["peak_rss"]}))
+
+
+def scale_other_worker(spec: dict[str, Any]) -> None:
+    """Child of scale_worker: a rank other than 0 receiving the plan (unpickle, rebuild units)."""
+    import pickle
+
+    from nougat_dist import job
+
+    blob = Path(spec["blob"]).read_bytes()
+    sec: dict[str, float] = {}
+    t0 = time.perf_counter()
+    msg = pickle.loads(blob)
+    sec["unpickle"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = job.plan_from_message(msg, spec["unit_pages"])
+    sec["plan_from_message"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    job.unit_weights(plan)
+    sec["unit_weights"] = time.perf_counter() - t0
+    print(json.dumps({"seconds": sec, "peak_rss": _vm_hwm()}))
+
+
+def _vm_hwm() -> int:
+    """This process's peak RSS. Not ru_maxrss: Linux carries that over from the parent across
+    fork and exec, so a child started by a big process reports the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -680,9 +709,16 @@ def table(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tuple[s
                        f"{s['on']['vs_ideal']:.2f}"))
     c = res.get("scale")
     if c:
-        rows.append((f"(7) scheduler, {c['docs']:,} docs -> {c['units']:,} units, {c['world']} ranks",
+        rows.append((f"(7) scheduler, {c['docs']:,} docs -> {c['units']:,} units, {c['world']} ranks, rank 0",
                      f"{c['total_s_excl_entries']:.1f} s, peak RSS {_mib(c['peak_rss'])}",
-                     "; ".join(f"{k} {v:.1f}s" for k, v in c["seconds"].items())))
+                     "; ".join(f"{k} {v:.1f}s" for k, v in c["seconds"].items()
+                               if not k.startswith("other_rank_"))))
+        if "other_rank_total_s" in c:
+            rows.append(("    every other rank: receive the plan",
+                         f"{c['other_rank_total_s']:.1f} s, peak RSS {_mib(c['other_rank_peak_rss'])}",
+                         f"message {_mib(c['plan_message_bytes'])}; " + "; ".join(
+                             f"{k[len('other_rank_'):]} {v:.2f}s" for k, v in c["seconds"].items()
+                             if k.startswith("other_rank_"))))
         checks.append((f"{c['docs']:,}-document manifest < 30 s and < 2 GiB", c["total_s_excl_entries"] < 30
                        and c["peak_rss"] < 2 * GIB,
                        f"{c['total_s_excl_entries']:.1f} s, {c['peak_rss'] / GIB:.2f} GiB"))
@@ -691,7 +727,7 @@ def table(res: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tuple[s
 
 def print_report(res: dict[str, Any]) -> str:
     rows, checks = table(res)
-    lines = [f"| what | measured | ratio |", "|---|---|---|"]
+    lines = ["| what | measured | ratio |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| acceptance target | value | |", "|---|---|---|"]
     lines += [f"| {name} | {val} | {'PASS' if ok else 'FAIL'} |" for name, ok, val in checks]
@@ -758,6 +794,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--_model-only", dest="model_only", help=argparse.SUPPRESS)
     ap.add_argument("--_scale", dest="scale", help=argparse.SUPPRESS)
+    ap.add_argument("--_scale-other", dest="scale_other", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.ranks_reps, args.real_reps, args.docs, args.real_pages = 1, 1, 1, 4, 2
@@ -773,6 +810,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scale:
         scale_worker(json.loads(args.scale))
         return 0
+    if args.scale_other:
+        scale_other_worker(json.loads(args.scale_other))
+        return 0
     scenarios = [s for s in args.only.split(",") if s]
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
@@ -785,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("preparing checkpoints and PDFs (cached in .cache/bench)")
     inp = prepare_inputs(args, set(scenarios))
     res: dict[str, Any] = {"machine": machine(), "args": {k: v for k, v in vars(args).items()
-                                                           if k not in ("model_only", "scale")}}
+                                                           if k not in ("model_only", "scale", "scale_other")}}
     with tempfile.TemporaryDirectory(prefix="nougat-bench-") as tmp:
         run = Runner(args, Path(tmp))
         for name in scenarios:

@@ -14,19 +14,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .checkpoint import chunk_paths, committed_units
-from .manifest import DocEntry, unique_docs
+from .manifest import DocEntry, parse_unit_key
 from .writer import DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, atomic_write_table, chunk_units
 
 log = logging.getLogger(__name__)
 
 FAILED_STATUSES = ("fail", "render_error", "error")
 DOCUMENTS_FILE = "documents.parquet"
-
-
-def _parse_unit(key: str) -> tuple[str, int, int]:
-    doc_id, span = key.rsplit(":", 1)
-    first, last = span.split("-")
-    return doc_id, int(first), int(last)
 
 
 def drop_duplicate_units(out_dir: Path) -> int:
@@ -44,7 +38,7 @@ def drop_duplicate_units(out_dir: Path) -> int:
         table = pq.read_table(path, schema=PAGES_SCHEMA)
         drop = pa.array([False] * table.num_rows)
         for key in keys:
-            doc_id, first, last = _parse_unit(key)
+            doc_id, first, last = parse_unit_key(key)
             in_unit = pc.and_(pc.equal(table["doc_id"], doc_id),
                               pc.and_(pc.greater_equal(table["page"], first),
                                       pc.less_equal(table["page"], last)))
@@ -89,11 +83,13 @@ def write_documents(out_dir: Path, entries: Sequence[DocEntry]) -> pa.Table:
     for doc_id, page, text, status in zip(pages["doc_id"], pages["page"], pages["text"], pages["status"]):
         by_doc[doc_id].append((page, text, status))
     dup_sources: dict[str, list[str]] = defaultdict(list)
-    firsts = unique_docs(entries)
-    first_ids = {id(e) for e in firsts}
-    for e in entries:
-        if id(e) not in first_ids:
+    firsts: list[DocEntry] = []
+    for e in entries:  # the first occurrence of a doc_id is its document, the rest duplicates
+        if e.doc_id in dup_sources:
             dup_sources[e.doc_id].append(e.source if e.member is None else f"{e.source}::{e.member}")
+        else:
+            dup_sources[e.doc_id] = []
+            firsts.append(e)
     rows = []
     for e in firsts:
         got = sorted(by_doc.get(e.doc_id, []))
@@ -101,7 +97,7 @@ def write_documents(out_dir: Path, entries: Sequence[DocEntry]) -> pa.Table:
             "doc_id": e.doc_id, "source": e.source, "member": e.member, "n_pages": e.n_pages,
             "n_failed": sum(1 for _, _, s in got if s in FAILED_STATUSES),
             "text": join_pages([page_text_for_document(p, t, s) for p, t, s in got if p > 0]),
-            "duplicates": dup_sources.get(e.doc_id, []),
+            "duplicates": dup_sources[e.doc_id],
         })
     table = pa.Table.from_pylist(rows, schema=DOCUMENTS_SCHEMA)
     atomic_write_table(table, out_dir / DOCUMENTS_FILE)

@@ -13,15 +13,16 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint, faults, gather, manifest
 from .config import Config
 from .dist import DistInfo, restart_count
-from .manifest import DocEntry, Unit
+from .manifest import DocEntry, DocTable, Units
 from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate,
                      discard_workers, make_loader, render_isolated)
 from .runner import (FakeModel, checkpoint_name, encoder_input_spec, is_oom, load_model,
@@ -140,15 +141,45 @@ def _silence_nltk_download() -> None:
 class Plan:
     """What rank 0 decided and every rank needs."""
 
-    entries: list[DocEntry]
-    docs: list[DocEntry]
-    units: list[Unit]
-    todo: list[int]  # unit indices not yet committed
+    entries: Sequence[DocEntry] | None  # manifest rows, duplicates included: rank 0 only
+    docs: Sequence[DocEntry]  # unique documents; a DocTable on the other ranks
+    units: Units
+    todo: np.ndarray  # unit indices not yet committed
     queues: list[list[int]]
     checkpoint: str
     nltk_ok: bool
     total_pages: int
     committed_pages: int = 0
+
+
+@dataclass
+class _PlanMessage:
+    """The plan as rank 0 sends it: Arrow bytes and integer arrays, cheap to pickle at any size.
+    Units are not sent: every rank derives the same ones from the documents."""
+
+    docs: bytes
+    todo: np.ndarray
+    queue_lengths: np.ndarray
+    queue_units: np.ndarray
+    checkpoint: str
+    nltk_ok: bool
+    total_pages: int
+    committed_pages: int
+
+
+def _todo_units(out: Path, docs: Sequence[DocEntry], units: Units) -> np.ndarray:
+    """Indices of the units no committed chunk holds yet."""
+    done = checkpoint.committed_units(out)
+    todo = np.ones(len(units), dtype=bool)
+    if done:
+        pos = {doc_id: i for i, doc_id in enumerate(manifest.doc_ids(docs))}
+        for key in done:
+            doc_id, first, last = manifest.parse_unit_key(key)
+            d = pos.get(doc_id)
+            j = units.find(d, first, last) if d is not None else None
+            if j is not None:
+                todo[j] = False
+    return np.flatnonzero(todo)
 
 
 def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
@@ -178,14 +209,16 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
             ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if needs_model else ""
             nltk_ok = ensure_nltk_words() if needs_model else True
             checkpoint.remove_temp_files(out)
-            head = (sources if old is None else None, old, ckpt, nltk_ok)
+            # The manifest rows stay here: the other ranks get only the unique documents, below.
+            entries = old
+            head = (sources if old is None else None, ckpt, nltk_ok)
         except (SetupError, InputError, OSError, RuntimeError) as e:
             head = SetupError(str(e))
     else:
-        head = None
-    sources, entries, ckpt, nltk_ok = _share(info, head)
+        head = entries = None
+    sources, ckpt, nltk_ok = _share(info, head)
 
-    if entries is None:
+    if sources is not None:
         # Every rank hashes and counts the pages of its share of the documents.
         # Remote documents of this rank's share download in parallel before being inspected.
         prefetch(sources[info.rank::info.world_size])
@@ -195,23 +228,59 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
             dist.all_gather_object(parts, mine, group=info.control_group)
         else:
             parts = [mine]
-        entries = [e for _, e in sorted(x for part in parts for x in part)] if info.is_main else None
         if info.is_main:
-            manifest.write(out, entries)
+            entries = manifest.write(out, [e for _, e in sorted(x for part in parts for x in part)])
             log.info("manifest: %d documents written to %s", len(entries), out / manifest.MANIFEST_FILE)
 
-    plan: Any = None
+    msg: Any = None
     if info.is_main:
-        docs = manifest.unique_docs(entries)
-        units = manifest.make_units(docs, cfg.unit_pages)
-        done = checkpoint.committed_units(out)
-        todo = [i for i, u in enumerate(units) if u.key(docs[u.doc].doc_id) not in done]
-        weights = [units[i].n_pages for i in todo]
-        queues = [[todo[j] for j in q] for q in assign(weights, info.world_size)]
-        total = sum(u.n_pages for u in units)
-        plan = Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total,
-                    committed_pages=total - sum(weights))
-    return _share(info, plan)
+        plan = decide_plan(out, entries, cfg.unit_pages, info.world_size, ckpt, nltk_ok)
+        if not info.distributed:
+            return plan
+        msg = plan_message(plan)
+    msg = _share(info, msg)
+    if info.is_main:
+        return plan
+    return plan_from_message(msg, cfg.unit_pages)
+
+
+def decide_plan(out: Path, entries: Sequence[DocEntry], unit_pages: int, world_size: int,
+                ckpt: str = "", nltk_ok: bool = True) -> Plan:
+    """Rank 0: unique documents, units, what is left to do, and each rank's queue."""
+    docs = manifest.unique_docs(entries)
+    units = manifest.make_units(docs, unit_pages)
+    todo = _todo_units(out, docs, units)
+    weights = units.n_pages[todo]
+    queues = [todo[np.asarray(q, dtype=np.int64)].tolist() for q in assign(weights.tolist(), world_size)]
+    total = int(units.n_pages.sum())
+    return Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total, total - int(weights.sum()))
+
+
+def plan_message(plan: Plan) -> _PlanMessage:
+    return _PlanMessage(
+        (plan.docs if isinstance(plan.docs, DocTable) else DocTable.from_entries(plan.docs)).to_bytes(),
+        plan.todo,
+        np.array([len(q) for q in plan.queues], dtype=np.int64),
+        np.fromiter((u for q in plan.queues for u in q), dtype=np.int64,
+                    count=sum(len(q) for q in plan.queues)),
+        plan.checkpoint, plan.nltk_ok, plan.total_pages, plan.committed_pages)
+
+
+def plan_from_message(msg: _PlanMessage, unit_pages: int) -> Plan:
+    """The other ranks: the same plan, without the manifest rows (rank 0 alone writes documents)."""
+    docs = DocTable.from_bytes(msg.docs)
+    units = manifest.make_units(docs, unit_pages)
+    ends = np.cumsum(msg.queue_lengths)
+    queues = [msg.queue_units[end - n:end].tolist() for n, end in zip(msg.queue_lengths, ends)]
+    return Plan(None, docs, units, msg.todo, queues, msg.checkpoint, msg.nltk_ok,
+                msg.total_pages, msg.committed_pages)
+
+
+def unit_weights(plan: Plan) -> list[int]:
+    """Pages of every unit still to do (0 for committed ones), indexed by unit."""
+    weights = np.zeros(len(plan.units), dtype=np.int64)
+    weights[plan.todo] = plan.units.n_pages[plan.todo]
+    return weights.tolist()
 
 
 def format_plan(plan: Plan, world_size: int, pages_per_s: float) -> str:
@@ -219,7 +288,8 @@ def format_plan(plan: Plan, world_size: int, pages_per_s: float) -> str:
     entries = plan.entries
     unreadable = [e for e in entries if e.error is not None]
     archives = {e.source for e in entries if e.member is not None}
-    rank_pages = [sum(plan.units[u].n_pages for u in q) for q in plan.queues]
+    n_pages = plan.units.n_pages
+    rank_pages = [int(n_pages[np.asarray(q, dtype=np.int64)].sum()) for q in plan.queues]
     todo = sum(rank_pages)
     lines = [
         f"documents       {len(entries)} input(s), {len(plan.docs)} unique by content "
@@ -348,8 +418,7 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     runner = PageRunner(model, cfg, stats)
     writer = ChunkWriter(out, info.rank, cfg.commit_pages, cfg.commit_seconds)
     docs, units, queues = plan.docs, plan.units, plan.queues
-    weights = {i: units[i].n_pages for i in plan.todo}
-    weight_list = [weights.get(i, 0) for i in range(len(units))]
+    weight_list = unit_weights(plan)
     my_queue = queues[info.rank]
     state = {"ptr": 0, "claimed_pages": 0}
     page_unit: dict[tuple[int, int], str] = {}

@@ -7,8 +7,9 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pypdfium2
@@ -116,25 +117,27 @@ def to_table(entries: Iterable[DocEntry]) -> pa.Table:
     )
 
 
-def write(out_dir: Path, entries: Sequence[DocEntry]) -> Path:
-    path = out_dir / MANIFEST_FILE
-    atomic_write_table(to_table(entries), path)
-    return path
+def write(out_dir: Path, entries: Sequence[DocEntry]) -> "DocTable":
+    """Write the manifest; returns it as a DocTable (the job keeps no per-row objects)."""
+    table = to_table(entries)
+    atomic_write_table(table, out_dir / MANIFEST_FILE)
+    return DocTable(table)
 
 
-def load(out_dir: Path) -> list[DocEntry] | None:
+def load(out_dir: Path) -> "DocTable | None":
     """The manifest of a previous run in out_dir, or None when there is none."""
     path = out_dir / MANIFEST_FILE
     if not path.exists():
         return None
-    table = pq.read_table(path, schema=MANIFEST_SCHEMA)
-    cols = table.to_pydict()
-    return [DocEntry(**{k: cols[k][i] for k in MANIFEST_SCHEMA.names}) for i in range(table.num_rows)]
+    return DocTable(pq.read_table(path, schema=MANIFEST_SCHEMA))
 
 
-def same_inputs(entries: Sequence[DocEntry], sources: Sequence[Source]) -> bool:
+def same_inputs(entries: "DocTable", sources: Sequence[Source]) -> bool:
     """Whether a manifest was built from exactly these sources (by name; contents are not re-hashed)."""
-    return [(e.source, e.member) for e in entries] == [(s.source, s.member) for s in sources]
+    if len(entries) != len(sources):
+        return False
+    names = zip(entries.column("source"), entries.column("member"))
+    return all(a == (s.source, s.member) for a, s in zip(names, sources))
 
 
 @dataclass(frozen=True)
@@ -157,11 +160,30 @@ class Unit:
         return range(self.first, self.last + 1)
 
     def key(self, doc_id: str) -> str:
-        return f"{doc_id}:{self.first}-{self.last}"
+        return unit_key(doc_id, self.first, self.last)
 
 
-def unique_docs(entries: Sequence[DocEntry]) -> list[DocEntry]:
-    """Documents to OCR: the first occurrence of each doc_id (same bytes are OCR'd once)."""
+def unit_key(doc_id: str, first: int, last: int) -> str:
+    """How a unit is named in a chunk's footer: `doc_id:first-last`."""
+    return f"{doc_id}:{first}-{last}"
+
+
+def parse_unit_key(key: str) -> tuple[str, int, int]:
+    doc_id, span = key.rsplit(":", 1)
+    first, last = span.split("-")
+    return doc_id, int(first), int(last)
+
+
+def unique_docs(entries: Sequence[DocEntry]) -> Sequence[DocEntry]:
+    """Documents to OCR: the first occurrence of each doc_id (same bytes are OCR'd once).
+    A DocTable gives a DocTable, a list a list."""
+    if isinstance(entries, DocTable):
+        first: dict[str, int] = {}
+        for i, doc_id in enumerate(entries.column("doc_id")):
+            first.setdefault(doc_id, i)
+        if len(first) == len(entries):
+            return entries
+        return DocTable(entries.table.take(pa.array(list(first.values()), pa.int64())))
     seen: set[str] = set()
     out = []
     for e in entries:
@@ -171,13 +193,126 @@ def unique_docs(entries: Sequence[DocEntry]) -> list[DocEntry]:
     return out
 
 
-def make_units(docs: Sequence[DocEntry], unit_pages: int) -> list[Unit]:
+def doc_ids(docs: Sequence[DocEntry]) -> list[str]:
+    return docs.column("doc_id") if isinstance(docs, DocTable) else [d.doc_id for d in docs]
+
+
+class Units(Sequence[Unit]):
+    """Every unit of a job as three integer arrays (a million documents make ~2 M units: as
+    Unit objects they cost seconds to build and to send; as arrays, milliseconds).
+
+    A document's units are contiguous and in page order, which makes a unit findable from its key.
+    """
+
+    def __init__(self, doc: np.ndarray, first: np.ndarray, last: np.ndarray, start: np.ndarray,
+                 unit_pages: int) -> None:
+        self.doc, self.first, self.last = doc, first, last
+        self.start = start  # index of each document's first unit
+        self.unit_pages = unit_pages
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Unit(int(self.doc[i]), int(self.first[i]), int(self.last[i]))
+
+    def __iter__(self) -> Iterator[Unit]:
+        for d, f, last in zip(self.doc.tolist(), self.first.tolist(), self.last.tolist()):
+            yield Unit(d, f, last)
+
+    @property
+    def n_pages(self) -> np.ndarray:
+        """Pages per unit (1 for a document's error unit), as int64."""
+        return np.where(self.first > 0, self.last - self.first + 1, 1)
+
+    def find(self, doc: int, first: int, last: int) -> int | None:
+        """Index of the unit of document `doc` spanning first..last, or None (a unit of an
+        earlier run with another --unit-pages, which is then done again)."""
+        j = int(self.start[doc]) + ((first - 1) // self.unit_pages if first > 0 else 0)
+        end = self.start[doc + 1] if doc + 1 < len(self.start) else len(self)
+        if j < end and self.first[j] == first and self.last[j] == last:
+            return j
+        return None
+
+
+def make_units(docs: Sequence[DocEntry], unit_pages: int) -> Units:
     """Split every document into units of at most unit_pages pages."""
-    units = []
-    for i, d in enumerate(docs):
-        if d.error is not None or d.n_pages == 0:
-            units.append(Unit(i, 0, 0))
-            continue
-        for first in range(1, d.n_pages + 1, unit_pages):
-            units.append(Unit(i, first, min(first + unit_pages - 1, d.n_pages)))
-    return units
+    if unit_pages < 1:
+        raise ValueError(f"unit_pages must be >= 1, got {unit_pages}")
+    if isinstance(docs, DocTable):
+        n_pages, ok = docs.n_pages_array(), docs.readable_array()
+    else:
+        n_pages = np.fromiter((d.n_pages for d in docs), dtype=np.int64, count=len(docs))
+        ok = np.fromiter((d.error is None for d in docs), dtype=bool, count=len(docs))
+    ok &= n_pages > 0
+    count = np.where(ok, (n_pages + unit_pages - 1) // unit_pages, 1)
+    start = np.cumsum(count) - count
+    doc = np.repeat(np.arange(len(count), dtype=np.int64), count)
+    k = np.arange(len(doc), dtype=np.int64) - start[doc]
+    readable = ok[doc]
+    first = np.where(readable, k * unit_pages + 1, 0)
+    last = np.where(readable, np.minimum(first + unit_pages - 1, n_pages[doc]), 0)
+    return Units(doc, first, last, start, unit_pages)
+
+
+class DocTable(Sequence[DocEntry]):
+    """Manifest rows as Arrow columns: how the job holds its documents.
+
+    A list of a million DocEntry objects cost seconds to build, gigabytes of memory, seconds to
+    pickle and more to unpickle on every rank; this is read from (and written as) Parquet, travels
+    to the other ranks as one compressed Arrow IPC buffer, and makes a DocEntry per item access,
+    which the work loop does a few times per page. Row i is DocEntry i of its source.
+    """
+
+    COLUMNS = ("doc_id", "source", "member", "n_pages", "bytes", "sha256", "error")
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table.combine_chunks()
+        self._cols = [self.table.column(c).chunk(0) if self.table.column(c).num_chunks
+                      else pa.array([], self.table.schema.field(c).type) for c in self.COLUMNS]
+
+    @classmethod
+    def from_entries(cls, docs: Sequence[DocEntry]) -> "DocTable":
+        schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in cls.COLUMNS])
+        return cls(pa.Table.from_pydict({c: [getattr(d, c) for d in docs] for c in cls.COLUMNS},
+                                        schema=schema))
+
+    def to_bytes(self) -> bytes:
+        sink = pa.BufferOutputStream()
+        options = pa.ipc.IpcWriteOptions(compression="zstd")
+        with pa.ipc.new_stream(sink, self.table.schema, options=options) as w:
+            w.write_table(self.table)
+        return sink.getvalue().to_pybytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "DocTable":
+        return cls(pa.ipc.open_stream(pa.py_buffer(data)).read_all())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return DocEntry(*(col[i].as_py() for col in self._cols))
+
+    def __iter__(self) -> Iterator[DocEntry]:
+        for batch in self.table.to_batches(max_chunksize=65536):
+            cols = [batch.column(c).to_pylist() for c in self.COLUMNS]
+            for row in zip(*cols):
+                yield DocEntry(*row)
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+    def n_pages_array(self) -> np.ndarray:
+        return self.table.column("n_pages").to_numpy().astype(np.int64)
+
+    def readable_array(self) -> np.ndarray:
+        return self.table.column("error").is_null().to_numpy(zero_copy_only=False).copy()

@@ -37,7 +37,7 @@ def collect(out: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{out} has no manifest.parquet: not a nougat-dist output dir, "
                                 "or the job has not got past building its manifest")
     docs = unique_docs(entries)
-    total = sum(u.n_pages for u in make_units(docs, 1))  # unit size does not change page counts
+    total = int(make_units(docs, 1).n_pages.sum())  # unit size does not change page counts
     statuses: Counter[str] = Counter()
     for p in chunk_paths(out):
         statuses.update(pq.read_table(p, columns=["status"])["status"].to_pylist())
@@ -71,7 +71,7 @@ def render(info: dict[str, Any]) -> str:
         f"{info['pages_remaining']} remaining, {info['pages_failed']} failed"
         + (f"; {info['pages_processed_live']} processed (commits follow --commit-pages/-seconds)"
            if info.get("pages_processed_live") is not None else ""),
-        f"  by status  " + (", ".join(f"{k} {v}" for k, v in info["by_status"].items()) or "-"),
+        "  by status  " + (", ".join(f"{k} {v}" for k, v in info["by_status"].items()) or "-"),
         f"  documents  {info['documents']}, units committed {info['units_committed']}",
     ]
     if info["pages_per_s"] is not None:
