@@ -397,25 +397,18 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     if not plan.nltk_ok:
         _silence_nltk_download()
 
-    if cfg.test_fake_model is not None:
-        model: Any = FakeModel(cfg.test_fake_model, info.rank)
+    fake = cfg.test_fake_model is not None
+    if fake:
         input_size, align = [448, 224], False
         model_id, dtype_name = "fake", "none"
     else:
         ckpt = Path(plan.checkpoint)
-        model = load_model(ckpt, info.device, cfg.full_precision)
         input_size, align = encoder_input_spec(ckpt)
         model_id = checkpoint_name(ckpt)
         dtype_name = "float32" if cfg.full_precision else "bfloat16"
 
-    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Render workers share the cores with the model: oversubscribed OpenMP threads made CPU
-        # inference several times slower here (torchrun sets OMP_NUM_THREADS=1 itself).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores - cfg.num_workers))
     batch_size = cfg.batch_size or _auto_batch_size(info.device)
     stats = RankStats(rank=info.rank)
-    runner = PageRunner(model, cfg, stats)
     writer = ChunkWriter(out, info.rank, cfg.commit_pages, cfg.commit_seconds)
     docs, units, queues = plan.docs, plan.units, plan.queues
     weight_list = unit_weights(plan)
@@ -445,7 +438,24 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
                            pin_memory=info.device.type == "cuda",
                            timeout=cfg.render_timeout * batch_size)
 
+    # The render workers start (fork, and render the first batches) before the model loads:
+    # the pipeline is full when the model is ready, and the workers do not inherit the model.
+    # No collective is in flight here: a fork copies whatever locks a background thread holds.
     loader = new_loader()
+    it: Any = iter(loader)
+    try:
+        model: Any = (FakeModel(cfg.test_fake_model, info.rank) if fake
+                      else load_model(ckpt, info.device, cfg.full_precision))
+    except BaseException:
+        discard_workers(it)
+        dataset.close()
+        raise
+    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Render workers share the cores with the model: oversubscribed OpenMP threads made CPU
+        # inference several times slower here (torchrun sets OMP_NUM_THREADS=1 itself).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - cfg.num_workers))
+    runner = PageRunner(model, cfg, stats)
     rounds = StatusRounds(info.world_size, info.control_group)
     bar = _progress_bar(info, plan)
 
@@ -495,7 +505,6 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
         stats.busy_s += time.monotonic() - t0
         writer.maybe_commit()
 
-    it = None
     last_done = 0
     last_status_write = 0.0
     status: list[list[int]] = []
@@ -504,9 +513,6 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     stop.install()
     stats.work_start = time.time()
     try:
-        # Fork the render workers before the first status round is in flight: a fork while a
-        # collective runs on a background thread copies whatever locks that thread holds.
-        it = iter(loader)
         rounds.post(vector())
         while True:
             idle = it is None and state["ptr"] >= len(my_queue)
