@@ -27,7 +27,7 @@ from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate
                      discard_workers, make_loader, render_isolated)
 from .runner import (FakeModel, checkpoint_name, encoder_input_spec, is_oom, load_model,
                      page_results, resolve_checkpoint)
-from .scheduler import (ST_DONE_PAGES, StatusRounds, all_finished, apply_steals, assign,
+from .scheduler import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished, apply_steals, assign,
                         plan_steals, stop_requested)
 from .sources import InputError, discover, prefetch
 from .writer import ChunkWriter, atomic_write_text
@@ -321,6 +321,7 @@ def write_live_status(out: Path, plan: Plan, status: list[list[int]], work_start
     from .scheduler import ST_RATE_MILLI
 
     done = sum(row[ST_DONE_PAGES] for row in status)
+    failures = {name: sum(row[i] for row in status) for name, i in FAILURE_FIELDS.items()}
     elapsed = max(time.time() - work_start, 1e-9)
     todo = plan.total_pages - plan.committed_pages
     rate = done / elapsed
@@ -331,9 +332,11 @@ def write_live_status(out: Path, plan: Plan, status: list[list[int]], work_start
         "pages_done": plan.committed_pages + done,
         "pages_per_s": round(rate, 3),
         "eta_s": round((todo - done) / rate, 1) if rate > 0 else None,
+        "failures_by_status": {k: v for k, v in failures.items() if v},
         "ranks_alive": len(status),
         "per_rank": [{"rank": r, "pages": row[ST_DONE_PAGES],
-                      "pages_per_s": round(row[ST_RATE_MILLI] / 1000, 3)}
+                      "pages_per_s": round(row[ST_RATE_MILLI] / 1000, 3),
+                      "failed": sum(row[i] for i in FAILURE_FIELDS.values())}
                      for r, row in enumerate(status)],
     }
     atomic_write_text(json.dumps(body, indent=2) + "\n", out / STATUS_FILE)
@@ -475,7 +478,9 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
             reserve += 1
             i += 1
         inflight = state["claimed_pages"] - stats.pages
-        return [stats.pages, state["ptr"], int(finished), rate, int(stop.requested), reserve, inflight]
+        failures = [stats.failures.get(name, 0) for name in FAILURE_FIELDS]
+        return [stats.pages, state["ptr"], int(finished), rate, int(stop.requested), reserve, inflight,
+                *failures]
 
     def process(batch: Batch) -> None:
         t0 = time.monotonic()
@@ -669,6 +674,8 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
     atomic_write_text(json.dumps({"state": "finished", "updated": time.time(),
                                   "pages_total": plan.total_pages, "pages_done": plan.total_pages,
                                   "pages_per_s": result["pages_per_s"], "eta_s": 0,
+                                  "failures_by_status": {k: v for k, v in counts.items()
+                                                         if k in gather.FAILED_STATUSES},
                                   "ranks_alive": 0, "per_rank": result["per_rank"]}, indent=2) + "\n",
                       out / STATUS_FILE)
     msg = (f"done: {docs_table.num_rows} documents, {plan.total_pages} pages "

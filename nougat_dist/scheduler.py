@@ -12,9 +12,12 @@ from typing import Sequence
 
 import torch
 
-# Fields of the int64 status vector each rank posts in a round.
-ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_STOP, ST_RESERVE, ST_INFLIGHT = range(7)
-STATUS_LEN = 7
+# Fields of the int64 status vector each rank posts in a round (80 bytes; all_gather moves
+# 80 x world_size). The last three count this rank's failed pages by status, for status.json.
+(ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_STOP, ST_RESERVE, ST_INFLIGHT,
+ ST_FAIL, ST_RENDER_ERROR, ST_ERROR) = range(10)
+STATUS_LEN = 10
+FAILURE_FIELDS = {"fail": ST_FAIL, "render_error": ST_RENDER_ERROR, "error": ST_ERROR}
 
 
 def assign(weights: Sequence[int], world_size: int) -> list[list[int]]:

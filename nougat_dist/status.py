@@ -78,9 +78,10 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"  speed      {info['pages_per_s']} pages/s"
                      + (f", ETA {eta / 60:.1f} min" if eta else ""))
     if info["per_rank"]:
-        lines.append("  rank   pages   pages/s")
+        lines.append("  rank   pages   pages/s  failed")
         for r in info["per_rank"]:
-            lines.append(f"  {r['rank']:>4} {r['pages']:>7} {r.get('pages_per_s') or 0:>9}")
+            failed = r.get("failed", sum(r.get("failures", {}).values()))
+            lines.append(f"  {r['rank']:>4} {r['pages']:>7} {r.get('pages_per_s') or 0:>9} {failed:>7}")
     return "\n".join(lines)
 
 

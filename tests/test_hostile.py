@@ -31,5 +31,7 @@ def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["failed_pages"] == 1 and stats["per_rank"][0]["render_recoveries"] == 1
     assert "completed with 1 failed page(s)" in proc.stderr
+    live = json.loads((out / "status.json").read_text())
+    assert live["state"] == "finished" and live["failures_by_status"] == {"render_error": 1}
     docs = pd.read_parquet(out / "documents.parquet")
     assert "[MISSING_PAGE_FAIL:2]" in docs[docs.source == str(pdfs[0])].text.iloc[0]

@@ -129,3 +129,28 @@ def test_pip_install_editable_gives_a_console_script(tmp_path):
     proc = subprocess.run([str(venv / "bin" / "nougat-dist"), "--help"], capture_output=True,
                           text=True, check=True)
     assert "--input" in proc.stdout and "--plan" in proc.stdout
+
+
+def test_live_status_counts_failures_by_status_and_rank(tmp_path):
+    from types import SimpleNamespace
+
+    from nougat_dist.job import write_live_status
+    from nougat_dist.scheduler import (ST_DONE_PAGES, ST_ERROR, ST_FAIL, ST_RATE_MILLI,
+                                       ST_RENDER_ERROR, STATUS_LEN)
+    from nougat_dist.status import render
+
+    rows = [[0] * STATUS_LEN for _ in range(3)]
+    rows[0][ST_DONE_PAGES], rows[0][ST_RATE_MILLI], rows[0][ST_FAIL] = 40, 2500, 2
+    rows[1][ST_DONE_PAGES], rows[1][ST_RENDER_ERROR], rows[1][ST_ERROR] = 30, 1, 1
+    rows[2][ST_DONE_PAGES] = 10
+    plan = SimpleNamespace(total_pages=200, committed_pages=20)
+    write_live_status(tmp_path, plan, rows, time.time() - 10, "running")
+    live = json.loads((tmp_path / "status.json").read_text())
+    assert live["pages_done"] == 100 and live["ranks_alive"] == 3
+    assert live["failures_by_status"] == {"fail": 2, "render_error": 1, "error": 1}
+    assert [r["failed"] for r in live["per_rank"]] == [2, 2, 0]
+    table = render({"output": "out", "state": "running", "pages_done": 100, "pages_total": 200,
+                    "pages_remaining": 100, "pages_failed": 4, "by_status": {}, "documents": 3,
+                    "units_committed": 5, "pages_per_s": 10.0, "eta_s": 10.0,
+                    "per_rank": live["per_rank"]})
+    assert "failed" in table.splitlines()[-4] and table.splitlines()[-3].split() == ["0", "40", "2.5", "2"]
