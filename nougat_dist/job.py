@@ -519,7 +519,14 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     stats.work_start = time.time()
     try:
         rounds.post(vector())
+        committed_on_stop = False
         while True:
+            if stop.requested and not committed_on_stop:
+                # Commit what is done before waiting on the other ranks: under torchrun a stop
+                # usually means a peer has died, and then the next round never completes (gloo
+                # notices a dead peer only at its timeout) and this rank is killed in the wait.
+                writer.commit()
+                committed_on_stop = True
             idle = it is None and state["ptr"] >= len(my_queue)
             if idle or rounds.ready():
                 t_wait = time.monotonic()

@@ -109,6 +109,50 @@ def test_killed_during_commit_or_manifest_build(tmp_path, corpus, reference, poi
     assert not list(out.rglob(".tmp-*"))
 
 
+def rank_pid(proc: subprocess.Popen, out: Path, rank: int) -> int:
+    """The pid of one rank of a torchrun (its render workers share its command line)."""
+    found = subprocess.run(["pgrep", "-f", "--", f"--output {out}"], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
+        if ppid == proc.pid and f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no rank {rank} under torchrun {proc.pid}")
+
+
+@pytest.mark.faults
+def test_a_rank_whose_peer_died_commits_its_pages_on_the_stop(tmp_path, corpus, reference):
+    out = tmp_path / "out"
+    # No periodic commits: whatever reaches pages/ after the kill was committed by the stop.
+    args = ["--input", str(corpus), "--output", str(out), "--test-fake-model", "delay=0.2",
+            "--unit-pages", "2", "--commit-pages", "100000", "--commit-seconds", "100000",
+            "--device", "cpu"]
+    proc = start(args, nproc=2)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            live = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
+            if live.get("per_rank") and live["per_rank"][0]["pages"] >= 4:
+                break
+            time.sleep(0.2)
+        assert not list((out / "pages").glob("part-*"))
+        os.kill(rank_pid(proc, out, 1), signal.SIGKILL)
+        # torchrun sends SIGTERM to rank 0, whose next status round can never complete
+        deadline = time.time() + 25
+        while not list((out / "pages").glob("part-r00000-*.parquet")) and time.time() < deadline:
+            time.sleep(0.2)
+        committed = pd.read_parquet(out / "pages")
+        assert len(committed) >= 4 and set(committed["rank"]) == {0}
+    finally:
+        kill_group(proc, out)
+    run_launch(args, nproc=2)
+    assert page_texts(out) == reference
+
+
 def test_sigterm_stops_within_a_batch_and_resumes(tmp_path, corpus, reference):
     out = tmp_path / "out"
     args = ["--input", str(corpus), "--output", str(out), "--test-fake-model", "delay=0.3",
