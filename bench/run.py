@@ -760,9 +760,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="fewer pages and repetitions (a smoke run, numbers are noisier)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the tiny throughput runs")
-    ap.add_argument("--docs", type=int, default=24,
-                    help="sample papers for throughput (2-6 pages each; ~95 pages at 24, so that the "
-                    "work phase is seconds long and its fixed start costs do not dominate)")
+    ap.add_argument("--docs", type=int, default=100,
+                    help="sample papers for throughput (2-6 pages each; ~400 pages at 100, so that "
+                    "the ~7 s of imports and setup that the launcher and the CLI both pay do not "
+                    "decide the wall-clock comparison)")
     ap.add_argument("--batch-size", type=int, default=4, help="same for launcher, CLI and model-only")
     ap.add_argument("--unit-pages", type=int, default=16, help="must match the launcher's --unit-pages")
     ap.add_argument("--real-pages", type=int, default=4)
