@@ -25,8 +25,8 @@ from .dist import DistInfo, restart_count
 from .manifest import DocEntry, DocTable, Units
 from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate,
                      discard_workers, make_loader, render_isolated)
-from .runner import (FakeModel, checkpoint_name, encoder_input_spec, is_oom, load_model,
-                     page_results, resolve_checkpoint)
+from .runner import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec, is_oom,
+                     load_model, page_results, resolve_checkpoint)
 from .scheduler import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished, apply_steals, assign,
                         plan_steals, stop_requested)
 from .sources import InputError, discover, prefetch
@@ -453,11 +453,12 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
         discard_workers(it)
         dataset.close()
         raise
-    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Render workers share the cores with the model: oversubscribed OpenMP threads made CPU
-        # inference several times slower here (torchrun sets OMP_NUM_THREADS=1 itself).
+    threads = None
+    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and not fake:
+        # The render workers share the cores with the model; CpuThreads divides them from the
+        # first batches' costs. An explicit OMP_NUM_THREADS (torchrun sets 1) is left alone.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores - cfg.num_workers))
+        threads = CpuThreads(cores) if cfg.num_workers > 0 else None
     runner = PageRunner(model, cfg, stats)
     rounds = StatusRounds(info.world_size, info.control_group)
     bar = _progress_bar(info, plan)
@@ -491,6 +492,9 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
             for i, r in zip(batch.ok_index, runner.infer(imgs, pages)):
                 results[i] = r
         per_page_ms = (time.monotonic() - t0) * 1000 / max(len(batch.ok_index), 1)
+        if threads is not None and batch.ok_index:
+            threads.observe(sum(batch.render_ms[i] for i in batch.ok_index) / len(batch.ok_index),
+                            per_page_ms)
         for i, (d, page) in enumerate(batch.keys):
             e = docs[d]
             row = {"doc_id": e.doc_id, "source": e.source, "member": e.member, "page": page,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +147,47 @@ class FakeModel:
         time.sleep(self.delay * n)
         preds = [f"fake page checksum {float(t.float().sum()):.3f}\n\n" for t in image_tensors]
         return {"predictions": preds, "repeats": [None] * n, "sequences": None, "repetitions": []}
+
+
+#: Rendering that needs at most this share of one core to keep pace with the model is ignored
+#: when the model's CPU threads are chosen.
+RENDER_SHARE_IGNORED = 0.25
+
+
+def model_threads(cores: int, render_ms_per_page: float, model_ms_per_page: float) -> int:
+    """Intra-op threads for a CPU model whose render workers share the same cores.
+
+    Rendering needs render/model cores to keep pace with the model. A real Nougat model on CPU
+    spends seconds per page against tens of milliseconds of rendering, so it gets every core; a
+    model as fast as rendering (the tiny test checkpoint) leaves whole cores to the workers, since
+    OpenMP threads that compete with a busy process for a core slow the model down several times.
+    """
+    demand = render_ms_per_page / model_ms_per_page if model_ms_per_page > 0 else 0.0
+    if demand <= RENDER_SHARE_IGNORED:
+        return cores
+    return max(1, cores - math.ceil(demand))
+
+
+class CpuThreads:
+    """Sets the model's CPU threads: every core at first, then after each of the first batches
+    `model_threads` from the measured costs. Only ever lowers the count (fewer threads make the
+    model slower per page, which would otherwise argue for more again)."""
+
+    SETTLE_BATCHES = 3
+
+    def __init__(self, cores: int) -> None:
+        self.cores = self.threads = cores
+        self.batches = 0
+        torch.set_num_threads(cores)
+
+    def observe(self, render_ms_per_page: float, model_ms_per_page: float) -> None:
+        if self.batches >= self.SETTLE_BATCHES:
+            return
+        self.batches += 1
+        want = model_threads(self.cores, render_ms_per_page, model_ms_per_page)
+        if want < self.threads:
+            log.info("CPU threads for the model: %d of %d cores (rendering takes %.0f ms per page "
+                     "against the model's %.0f ms, so it keeps the rest)", want, self.cores,
+                     render_ms_per_page, model_ms_per_page)
+            self.threads = want
+            torch.set_num_threads(want)

@@ -42,3 +42,41 @@ def test_fake_model_contract_and_per_rank_delay():
     out = m0.inference(image_tensors=torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]))
     assert len(out["predictions"]) == 2 and out["predictions"][0] != out["predictions"][1]
     assert out["repeats"] == [None, None]
+
+
+def test_model_threads_leave_cores_to_rendering_only_when_it_needs_them():
+    from nougat_dist.runner import model_threads
+
+    # a real model on CPU: seconds per page against tens of ms of rendering -> every core
+    assert model_threads(2, render_ms_per_page=25, model_ms_per_page=5000) == 2
+    assert model_threads(32, 25, 400) == 32
+    # the tiny checkpoint: rendering needs ~0.8 of a core -> one core left to it
+    assert model_threads(2, 21, 27) == 1
+    assert model_threads(8, 21, 27) == 7
+    # rendering slower than the model: never below one thread
+    assert model_threads(2, 80, 20) == 1
+    assert model_threads(4, 80, 20) == 1
+
+
+def test_cpu_threads_only_lower_and_settle():
+    from nougat_dist.runner import CpuThreads
+
+    before = torch.get_num_threads()
+    try:
+        t = CpuThreads(2)
+        assert torch.get_num_threads() == 2
+        t.observe(21, 40)  # rendering needs half a core: keep one core for it
+        assert t.threads == torch.get_num_threads() == 1
+        t.observe(21, 400)  # slower per page on fewer threads: not a reason to go back up
+        assert t.threads == 1
+        real = CpuThreads(2)
+        for _ in range(5):
+            real.observe(25, 5000)
+        assert real.threads == torch.get_num_threads() == 2 and real.batches == CpuThreads.SETTLE_BATCHES
+        late = CpuThreads(2)
+        for _ in range(CpuThreads.SETTLE_BATCHES):
+            late.observe(1, 1000)
+        late.observe(100, 10)  # settled: later batches change nothing
+        assert late.threads == 2
+    finally:
+        torch.set_num_threads(before)
