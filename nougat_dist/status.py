@@ -56,7 +56,10 @@ def collect(out: Path) -> dict[str, Any]:
         "pages_done": done, "pages_remaining": max(total - done, 0),
         "pages_failed": sum(n for s, n in statuses.items() if s in ("fail", "render_error", "error")),
         "by_status": dict(sorted(statuses.items())), "units_committed": len(committed_units(out)),
-        "pages_processed_live": live.get("pages_done") if state == "running" else None,
+        # status.json is up to a few seconds older than the chunks: never report fewer pages
+        # processed than are already committed.
+        "pages_processed_live": (max(live.get("pages_done") or 0, done) if state == "running"
+                                 else None),
         "pages_per_s": live.get("pages_per_s"), "eta_s": live.get("eta_s") if state == "running" else None,
         "per_rank": live.get("per_rank", []),
     }

@@ -90,9 +90,11 @@ def test_status_of_finished_running_and_crashed_dirs(tmp_path):
 
     live["updated"] = time.time()
     live["eta_s"] = 12.0
+    live["pages_done"] = 1  # older than the chunks: processed is never shown below committed
     (out / "status.json").write_text(json.dumps(live))
     s = status(out)
     assert s["state"] == "running" and s["eta_s"] == 12.0
+    assert s["pages_processed_live"] == s["pages_done"] > 1
     table = subprocess.run([sys.executable, "-m", "nougat_dist", "status", str(out)], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout
     assert "remaining" in table and "ETA" in table
