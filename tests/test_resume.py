@@ -64,9 +64,23 @@ def kill_group(proc: subprocess.Popen, out: Path) -> None:
     subprocess.run(["pkill", "-9", "-f", "--", f"--output {out}"], check=False)
 
 
-def rank_pids(proc: subprocess.Popen) -> list[int]:
-    out = subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "launch.py"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if int(p) != proc.pid]
+def rank_pids(proc: subprocess.Popen, out: Path) -> dict[int, int]:
+    """Rank → pid for the ranks of a torchrun. torchrun starts each rank in a session of its own,
+    so they are found by their --output argument and torchrun as their parent (render workers
+    share the command line but are the ranks' children)."""
+    found = subprocess.run(["pgrep", "-f", "--", f"--output {out}"], capture_output=True, text=True)
+    ranks = {}
+    for pid in map(int, found.stdout.split()):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
+        rank = next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+        if ppid == proc.pid and rank is not None:
+            ranks[rank] = pid
+    return ranks
 
 
 @pytest.mark.faults
@@ -79,9 +93,9 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, corpus, reference, tri
     time.sleep(rng.uniform(2.0, 9.0))
     if trial % 2 and proc.poll() is None:
         # one rank only: torchrun notices and tears the others down
-        pids = rank_pids(proc)
-        if pids:
-            os.kill(rng.choice(pids), signal.SIGKILL)
+        pids = rank_pids(proc, out)
+        assert pids, "torchrun is running but no rank was found"
+        os.kill(pids[rng.choice(sorted(pids))], signal.SIGKILL)
         time.sleep(1)
     kill_group(proc, out)
     run_launch(args, nproc=2)
@@ -109,21 +123,6 @@ def test_killed_during_commit_or_manifest_build(tmp_path, corpus, reference, poi
     assert not list(out.rglob(".tmp-*"))
 
 
-def rank_pid(proc: subprocess.Popen, out: Path, rank: int) -> int:
-    """The pid of one rank of a torchrun (its render workers share its command line)."""
-    found = subprocess.run(["pgrep", "-f", "--", f"--output {out}"], capture_output=True, text=True)
-    for pid in map(int, found.stdout.split()):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
-        if ppid == proc.pid and f"RANK={rank}".encode() in env:
-            return pid
-    raise AssertionError(f"no rank {rank} under torchrun {proc.pid}")
-
-
 @pytest.mark.faults
 def test_a_rank_whose_peer_died_commits_its_pages_on_the_stop(tmp_path, corpus, reference):
     out = tmp_path / "out"
@@ -140,7 +139,7 @@ def test_a_rank_whose_peer_died_commits_its_pages_on_the_stop(tmp_path, corpus, 
                 break
             time.sleep(0.2)
         assert not list((out / "pages").glob("part-*"))
-        os.kill(rank_pid(proc, out, 1), signal.SIGKILL)
+        os.kill(rank_pids(proc, out)[1], signal.SIGKILL)
         # torchrun sends SIGTERM to rank 0, whose next status round can never complete
         deadline = time.time() + 25
         while not list((out / "pages").glob("part-r00000-*.parquet")) and time.time() < deadline:
