@@ -27,8 +27,8 @@ from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate
                      discard_workers, make_loader, render_isolated)
 from .runner import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec, is_oom,
                      load_model, page_results, resolve_checkpoint)
-from .scheduler import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished, apply_steals, assign,
-                        plan_steals, stop_requested)
+from .scheduler import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished, apply_steals,
+                        assign, plan_steals, stop_requested)
 from .sources import InputError, discover, prefetch
 from .writer import ChunkWriter, atomic_write_text
 
