@@ -6,6 +6,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import logging
+import multiprocessing
 import signal
 import sys
 from pathlib import Path
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SETUP
     finally:
         ndist.teardown()
+        # A render worker left alive by an unforeseen path would hang the exit (it ignores the
+        # SIGTERM multiprocessing's exit handler sends before joining it): the job is over here.
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(5)
         gc.freeze()  # what the run allocated is freed by the exit, not by a last full collection
 
 

@@ -24,7 +24,7 @@ from .config import Config
 from .dist import DistInfo, restart_count
 from .manifest import DocEntry, DocTable, Units
 from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate,
-                     discard_workers, make_loader, render_isolated)
+                     close_loader, discard_workers, make_loader, render_isolated)
 from .runner import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec, is_oom,
                      load_model, page_results, resolve_checkpoint)
 from .scheduler import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished, apply_steals,
@@ -590,6 +590,7 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
         stop.uninstall()
         if bar is not None:
             bar.close()
+        close_loader(loader)
         dataset.close()
     stats.rounds = rounds.rounds
     stats.wall_s = time.monotonic() - t_start

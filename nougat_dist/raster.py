@@ -240,6 +240,27 @@ def discard_workers(it: object) -> None:
         shutdown()
 
 
+def close_loader(loader: torch.utils.data.DataLoader) -> None:
+    """Stop a loader's persistent workers now instead of whenever its iterator is collected.
+
+    A worker still alive at interpreter exit blocks the process for good: multiprocessing's exit
+    handler sends daemon children SIGTERM, which the workers ignore (see _worker_init), then joins
+    them. DataLoader stops its workers when the iterator is collected, and a reference cycle or
+    gc.freeze() can put that off past the exit. A worker that does not stop within DataLoader's
+    grace period (one hung in pdfium) is killed.
+    """
+    it = getattr(loader, "_iterator", None)
+    if it is None:
+        return
+    loader._iterator = None  # type: ignore[attr-defined]
+    workers = list(getattr(it, "_workers", []))
+    it._shutdown_workers()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(5)
+
+
 def _render_child(dataset: PageDataset, key: tuple[int, int], conn: mp.connection.Connection) -> None:
     _worker_init(0)
     item = dataset[key]

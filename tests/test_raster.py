@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import time
+
 import numpy as np
 import pypdfium2
 import pytest
@@ -11,7 +13,11 @@ import torch
 from nougat.model import SwinEncoder
 from PIL import Image
 
-from nougat_dist.raster import EncoderInput, crop_margin, kept_levels, render_page
+from nougat_dist import faults
+from nougat_dist.manifest import DocTable, inspect
+from nougat_dist.raster import (EncoderInput, LiveBatchSampler, PageDataset, close_loader,
+                                crop_margin, kept_levels, make_loader, render_page)
+from nougat_dist.sources import Source
 
 
 class NougatInput(EncoderInput):
@@ -82,3 +88,38 @@ def test_rendered_pages_give_nougats_tensors(sample_pdfs: list[Path]) -> None:
         finally:
             doc.close()
     assert pages >= 6
+
+
+def _loader(pdfs: list[Path], keys: list[tuple[int, int]]):
+    docs = DocTable.from_entries([inspect(Source(str(p))) for p in pdfs])
+    queue = [keys]
+    sampler = LiveBatchSampler(lambda: queue.pop() if queue else None, batch_size=2)
+    dataset = PageDataset(docs, EncoderInput([448, 224], True))
+    return docs, make_loader(dataset, sampler, num_workers=2, prefetch_factor=2, pin_memory=False)
+
+
+def test_close_loader_stops_the_persistent_workers(sample_pdfs: list[Path]) -> None:
+    """Left to the garbage collector, the workers can outlive the run and hang its exit."""
+    _, loader = _loader(sample_pdfs[:1], [(0, 1), (0, 2)])
+    it = iter(loader)
+    assert [b.keys for b in it] == [[(0, 1), (0, 2)]]
+    workers = list(it._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    close_loader(loader)
+    assert not any(w.is_alive() for w in workers)
+    close_loader(loader)  # a second call is harmless
+
+
+def test_close_loader_kills_a_worker_hung_in_a_page(sample_pdfs: list[Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(faults.ENV, f"render-hang:{sample_pdfs[0].name}:1")
+    _, loader = _loader(sample_pdfs[:1], [(0, 1), (0, 2)])
+    it = iter(loader)
+    workers = list(it._workers)
+    time.sleep(1)  # a worker takes the hanging page
+    try:
+        close_loader(loader)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        for w in workers:  # else a failure here would hang pytest's own exit the same way
+            w.kill()
