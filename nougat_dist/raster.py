@@ -9,6 +9,7 @@ prepare_input by `crop_margin` below, which finds the same box four times faster
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import signal
@@ -169,9 +170,28 @@ def collate(items: list[PageItem]) -> Batch:
     )
 
 
+def keep_freed_memory() -> None:
+    """Let this process reuse the memory it frees instead of handing it back to the kernel.
+
+    glibc serves every block over 128 KiB with its own mmap and unmaps it on free, so each page's
+    full-size images (2.7 MB apiece at 96 dpi: the bitmap, its copies, the crop) arrived as fresh
+    zeroed pages, ~2,900 page faults per page. Measured on the bench PDFs: 16.2 -> 11.1 ms per page
+    and 1.18 M -> 0.17 M faults per 400 pages. The heap then stays at its peak, a few tens of MB
+    for one page at a time. Other C libraries keep their own policy.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 def _worker_init(_: int) -> None:
     # Each worker renders one page at a time; more intra-op threads would only fight the model.
     torch.set_num_threads(1)
+    keep_freed_memory()
     # Slurm, torchrun and Ctrl-C signal the whole process group; the rank decides when to stop
     # (after committing), and its workers exit with it. A worker dying on the signal would
     # instead crash the rank mid-batch.
