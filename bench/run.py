@@ -300,8 +300,13 @@ def model_only_worker(spec: dict[str, Any]) -> None:
     Pages are rendered by the launcher's own PageDataset and batched in the launcher's order
     (units, longest-first assignment, batches across unit boundaries), so the batches are the
     same ones the launcher feeds the model: Nougat stops a batch only when all its pages have
-    stopped, so batch composition matters for the tiny model's cost.
+    stopped, so batch composition matters for the tiny model's cost. The process uses the
+    launcher's allocator setting (`alloc.keep_freed_memory`): the bound is the model's best
+    configuration here, so that the ratio measures the pipeline, not the allocator.
     """
+    from nougat_dist.alloc import keep_freed_memory
+
+    keep_freed_memory()
     import torch
 
     from nougat_dist.manifest import inspect, make_units, unique_docs

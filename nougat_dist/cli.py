@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     if actions.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from .alloc import keep_freed_memory
+
+    keep_freed_memory()  # before torch and nougat load: their allocations count too
     from . import dist as ndist
     from . import log as nlog
     from .job import SetupError, run

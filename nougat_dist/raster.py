@@ -9,7 +9,6 @@ prepare_input by `crop_margin` below, which finds the same box four times faster
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import signal
@@ -26,6 +25,7 @@ from nougat.transforms import test_transform
 from PIL import Image
 
 from . import faults
+from .alloc import keep_freed_memory
 from .manifest import DocEntry
 from .sources import Source, pdf_input
 
@@ -168,24 +168,6 @@ def collate(items: list[PageItem]) -> Batch:
         errors={i: it.error for i, it in enumerate(items) if it.image is None},
         render_ms=[it.elapsed_ms for it in items],
     )
-
-
-def keep_freed_memory() -> None:
-    """Let this process reuse the memory it frees instead of handing it back to the kernel.
-
-    glibc serves every block over 128 KiB with its own mmap and unmaps it on free, so each page's
-    full-size images (2.7 MB apiece at 96 dpi: the bitmap, its copies, the crop) arrived as fresh
-    zeroed pages, ~2,900 page faults per page. Measured on the bench PDFs: 16.2 -> 11.1 ms per page
-    and 1.18 M -> 0.17 M faults per 400 pages. The heap then stays at its peak, a few tens of MB
-    for one page at a time. Other C libraries keep their own policy.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    mallopt(m_mmap_threshold, 64 << 20)
-    mallopt(m_trim_threshold, 256 << 20)
 
 
 def _worker_init(_: int) -> None:
