@@ -89,14 +89,26 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, corpus, reference, tri
     rng = random.Random(trial)
     out = tmp_path / "out"
     args = ["--input", str(corpus), "--output", str(out), *FAKE]
-    proc = start(args, nproc=2)
-    time.sleep(rng.uniform(2.0, 9.0))
-    if trial % 2 and proc.poll() is None:
-        # one rank only: torchrun notices and tears the others down
+    if trial % 2:
+        # One rank only, while the ranks work: torchrun notices and tears the others down. The
+        # moment is taken from when the manifest is written, not from the start (a fixed sleep
+        # could land after the ranks had exited), and the pages are slower (the fake text does not
+        # depend on the delay), so the work phase outlasts the window.
+        args[args.index("delay=0.05")] = "delay=0.2"
+        proc = start(args, nproc=2)
+        deadline = time.monotonic() + 120
+        while not ((out / "manifest.parquet").exists() and rank_pids(proc, out)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the ranks never started work"
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
         pids = rank_pids(proc, out)
-        assert pids, "torchrun is running but no rank was found"
+        assert pids, "the ranks finished before the kill"
         os.kill(pids[rng.choice(sorted(pids))], signal.SIGKILL)
         time.sleep(1)
+    else:
+        # the whole job, at any moment from torchrun's start to the end of the work
+        proc = start(args, nproc=2)
+        time.sleep(rng.uniform(2.0, 9.0))
     kill_group(proc, out)
     run_launch(args, nproc=2)
     assert page_texts(out) == reference
