@@ -1,4 +1,5 @@
-"""Allocator settings for the launcher's processes (the rank and its render workers)."""
+"""Allocator settings for the launcher's processes. Set once in the rank before torch loads; the
+render workers are forked from it and inherit them."""
 
 from __future__ import annotations
 

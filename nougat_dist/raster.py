@@ -3,7 +3,7 @@
 Rendering matches nougat's `rasterize_paper` (pypdfium2 at 96 dpi) pixel for pixel, and the tensor
 comes from nougat's own `SwinEncoder.prepare_input(img, random_padding=False)`; only the whole-
 document-at-once loading is replaced by streaming single pages, and the margin crop inside
-prepare_input by `crop_margin` below, which finds the same box four times faster
+prepare_input by `crop_margin` below, which finds the same box three times faster
 (tests/test_raster.py holds the two to the same tensors).
 """
 
@@ -25,7 +25,6 @@ from nougat.transforms import test_transform
 from PIL import Image
 
 from . import faults
-from .alloc import keep_freed_memory
 from .manifest import DocEntry
 from .sources import Source, pdf_input
 
@@ -173,7 +172,6 @@ def collate(items: list[PageItem]) -> Batch:
 def _worker_init(_: int) -> None:
     # Each worker renders one page at a time; more intra-op threads would only fight the model.
     torch.set_num_threads(1)
-    keep_freed_memory()
     # Slurm, torchrun and Ctrl-C signal the whole process group; the rank decides when to stop
     # (after committing), and its workers exit with it. A worker dying on the signal would
     # instead crash the rank mid-batch.

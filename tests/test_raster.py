@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import numpy as np
 import pypdfium2
@@ -90,17 +89,17 @@ def test_rendered_pages_give_nougats_tensors(sample_pdfs: list[Path]) -> None:
     assert pages >= 6
 
 
-def _loader(pdfs: list[Path], keys: list[tuple[int, int]]):
+def _loader(pdfs: list[Path], keys: list[tuple[int, int]]) -> torch.utils.data.DataLoader:
     docs = DocTable.from_entries([inspect(Source(str(p))) for p in pdfs])
     queue = [keys]
     sampler = LiveBatchSampler(lambda: queue.pop() if queue else None, batch_size=2)
     dataset = PageDataset(docs, EncoderInput([448, 224], True))
-    return docs, make_loader(dataset, sampler, num_workers=2, prefetch_factor=2, pin_memory=False)
+    return make_loader(dataset, sampler, num_workers=2, prefetch_factor=2, pin_memory=False)
 
 
 def test_close_loader_stops_the_persistent_workers(sample_pdfs: list[Path]) -> None:
     """Left to the garbage collector, the workers can outlive the run and hang its exit."""
-    _, loader = _loader(sample_pdfs[:1], [(0, 1), (0, 2)])
+    loader = _loader(sample_pdfs[:1], [(0, 1), (0, 2)])
     it = iter(loader)
     assert [b.keys for b in it] == [[(0, 1), (0, 2)]]
     workers = list(it._workers)
@@ -113,7 +112,7 @@ def test_close_loader_stops_the_persistent_workers(sample_pdfs: list[Path]) -> N
 def test_close_loader_kills_a_worker_hung_in_a_page(sample_pdfs: list[Path],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(faults.ENV, f"render-hang:{sample_pdfs[0].name}:1")
-    _, loader = _loader(sample_pdfs[:1], [(0, 1), (0, 2)])
+    loader = _loader(sample_pdfs[:1], [(0, 1), (0, 2)])
     it = iter(loader)
     workers = list(it._workers)
     time.sleep(1)  # a worker takes the hanging page
