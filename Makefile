@@ -24,7 +24,7 @@ test-faults: venv
 	$(PY) -m pytest -m faults
 
 demo: venv
-	$(PY) -m nougat_dist.demo
+	$(PY) -m testing.demo
 
 bench: venv
 	$(PY) bench/run.py

@@ -7,7 +7,7 @@ max_length is short: the point is the real encoder cost per page next to the pip
 costs, not hours of decoding. With the default random init greedy decoding never emits </s>, so
 every page decodes exactly max_length tokens: a fixed, page-independent cost per batch.
 
-It loads through `NougatModel.from_pretrained` like `nougat_dist.tiny_checkpoint` (five files,
+It loads through `NougatModel.from_pretrained` like `testing.tiny_checkpoint` (five files,
 tokenizer written before the model is built). Not an OCR model.
 
     python bench/realistic_checkpoint.py DIR [--max-length 32]
@@ -50,7 +50,7 @@ def _write_tokenizer(directory: Path, vocab_size: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     # Private helper, imported (not copied) so both checkpoints map bytes to tokens identically.
-    from nougat_dist.tiny_checkpoint import SPECIAL_TOKENS, _byte_to_unicode
+    from testing.tiny_checkpoint import SPECIAL_TOKENS, _byte_to_unicode
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for byte, char in _byte_to_unicode().items():

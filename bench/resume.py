@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nougat_dist.checkpoint import committed_units  # noqa: E402
-from nougat_dist.writer import ChunkWriter  # noqa: E402
+from nougat_dist.store.index import committed_units  # noqa: E402
+from nougat_dist.store.chunks import ChunkWriter  # noqa: E402
 
 TEXT = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 40  # ~2.3 kB, a typical page
 

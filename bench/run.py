@@ -151,8 +151,8 @@ class Inputs:
 
 def prepare_inputs(args: argparse.Namespace, scenarios: set[str]) -> Inputs:
     """Build (or reuse from .cache/bench) checkpoints and PDFs; deterministic, so cached."""
-    from nougat_dist.samples import write_long_pdf, write_sample_pdfs
-    from nougat_dist.tiny_checkpoint import build_tiny_checkpoint
+    from testing.samples import write_long_pdf, write_sample_pdfs
+    from testing.tiny_checkpoint import build_tiny_checkpoint
 
     CACHE.mkdir(parents=True, exist_ok=True)
     tiny = build_tiny_checkpoint(CACHE / "tiny-ml96", max_length=96)
@@ -309,11 +309,11 @@ def model_only_worker(spec: dict[str, Any]) -> None:
     keep_freed_memory()
     import torch
 
-    from nougat_dist.manifest import inspect, make_units, unique_docs
-    from nougat_dist.raster import EncoderInput, PageDataset
-    from nougat_dist.runner import encoder_input_spec, load_model
-    from nougat_dist.scheduler import assign
-    from nougat_dist.sources import Source
+    from nougat_dist.store.manifest import inspect, make_units, unique_docs
+    from nougat_dist.ocr.render import EncoderInput, PageDataset
+    from nougat_dist.ocr.model import encoder_input_spec, load_model
+    from nougat_dist.sched.steal import assign
+    from nougat_dist.inputs.sources import Source
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -497,7 +497,7 @@ def scenario_skew(run: Runner, inp: Inputs, args: argparse.Namespace, log) -> di
     ideal = args.skew_pages / (1 / args.skew_fast + 1 / args.skew_slow)
     pdf = CACHE / f"long-{args.skew_pages}.pdf"
     if not pdf.exists():
-        from nougat_dist.samples import write_long_pdf
+        from testing.samples import write_long_pdf
 
         write_long_pdf(pdf, args.skew_pages)
     res: dict[str, Any] = {"pages": args.skew_pages, "fast_s_per_page": args.skew_fast,
@@ -533,9 +533,10 @@ def scale_worker(spec: dict[str, Any]) -> None:
     import pickle
     import random
 
-    from nougat_dist import job, manifest
-    from nougat_dist.manifest import DocEntry
-    from nougat_dist.scheduler import ST_CLAIMED, ST_RATE_MILLI, ST_RESERVE, STATUS_LEN, plan_steals
+    from nougat_dist.sched import plan as plan_mod
+    from nougat_dist.store import manifest
+    from nougat_dist.store.manifest import DocEntry
+    from nougat_dist.sched.steal import ST_CLAIMED, ST_RATE_MILLI, ST_RESERVE, STATUS_LEN, plan_steals
 
     n, world = spec["docs"], spec["world"]
     rng = random.Random(0)
@@ -562,10 +563,10 @@ def scale_worker(spec: dict[str, Any]) -> None:
         stage("manifest_write", lambda: manifest.write(out_dir, entries))
         del entries
         entries = stage("manifest_load", lambda: manifest.load(out_dir))
-        plan = stage("decide_plan", lambda: job.decide_plan(out_dir, entries, 16, world))
+        plan = stage("decide_plan", lambda: plan_mod.decide_plan(out_dir, entries, 16, world))
         # what broadcast_object_list does with the message on rank 0
-        blob = stage("plan_message_pickle", lambda: pickle.dumps(job.plan_message(plan)))
-        weights = job.unit_weights(plan)
+        blob = stage("plan_message_pickle", lambda: pickle.dumps(plan_mod.plan_message(plan)))
+        weights = plan_mod.unit_weights(plan)
         # one round early in the job: every rank claimed a few units, rank 0 is idle, rates differ
         status = []
         for r in range(world):
@@ -595,7 +596,7 @@ def scale_other_worker(spec: dict[str, Any]) -> None:
     """Child of scale_worker: a rank other than 0 receiving the plan (unpickle, rebuild units)."""
     import pickle
 
-    from nougat_dist import job
+    from nougat_dist.sched import plan as plan_mod
 
     blob = Path(spec["blob"]).read_bytes()
     sec: dict[str, float] = {}
@@ -603,10 +604,10 @@ def scale_other_worker(spec: dict[str, Any]) -> None:
     msg = pickle.loads(blob)
     sec["unpickle"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = job.plan_from_message(msg, spec["unit_pages"])
+    plan = plan_mod.plan_from_message(msg, spec["unit_pages"])
     sec["plan_from_message"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    job.unit_weights(plan)
+    plan_mod.unit_weights(plan)
     sec["unit_weights"] = time.perf_counter() - t0
     print(json.dumps({"seconds": sec, "peak_rss": _vm_hwm()}))
 

@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--fast", type=float, default=0.1, help="seconds per page on rank 0")
     ap.add_argument("--slow", type=float, default=1.0, help="seconds per page on rank 1")
     args = ap.parse_args()
-    from nougat_dist.samples import write_long_pdf
+    from testing.samples import write_long_pdf
 
     ideal = args.pages / (1 / args.fast + 1 / args.slow)
     with tempfile.TemporaryDirectory() as tmp:

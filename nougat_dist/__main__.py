@@ -11,9 +11,9 @@ import logging
 import sys
 from typing import Callable
 
-from .postprocess import add_chunk_args, add_clean_args, run_chunk, run_clean
-from .status import add_status_args, run_status
-from .upload import add_upload_args, run_upload
+from nougat_dist.stages.postprocess import add_chunk_args, add_clean_args, run_chunk, run_clean
+from nougat_dist.store.status import add_status_args, run_status
+from nougat_dist.stages.upload import add_upload_args, run_upload
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import parse_args, to_yaml
+from nougat_dist.config import parse_args, to_yaml
 
 EXIT_SETUP = 2
 log = logging.getLogger("nougat_dist")
@@ -22,13 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     if actions.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from .alloc import keep_freed_memory
+    from nougat_dist.alloc import keep_freed_memory
 
     keep_freed_memory()  # before torch and nougat load: their allocations count too
-    from . import dist as ndist
-    from . import log as nlog
-    from .job import SetupError, run
-    from .runner import CheckpointError
+    from nougat_dist import dist as ndist
+    from nougat_dist import log as nlog
+    from nougat_dist.errors import SetupError
+    from nougat_dist.worker import run
+    from nougat_dist.ocr.model import CheckpointError
 
     # torch, transformers, timm and nltk leave ~500k objects that live as long as the process.
     # Frozen, the cyclic collector stops re-scanning them during the run, and at exit, where

@@ -20,21 +20,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nougat_dist.tiny_checkpoint import build_tiny_checkpoint
+    from testing.tiny_checkpoint import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sample_pdfs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from nougat_dist.samples import write_sample_pdfs
+    from testing.samples import write_sample_pdfs
 
     return write_sample_pdfs(tmp_path_factory.mktemp("samples"), n_docs=3, seed=0)
 
 
 @pytest.fixture(scope="session")
 def bad_pdfs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from nougat_dist.samples import write_bad_inputs
+    from testing.samples import write_bad_inputs
 
     return write_bad_inputs(tmp_path_factory.mktemp("bad"))
 

@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_launch
-from nougat_dist import archives, sources
-from nougat_dist.manifest import build_entries, inspect, unique_docs
-from nougat_dist.sources import Source, discover, read_bytes
+from nougat_dist.inputs import archives
+from nougat_dist.inputs import sources
+from nougat_dist.store.manifest import build_entries, inspect, unique_docs
+from nougat_dist.inputs.sources import Source, discover, read_bytes
 
 RARFILE_SDIST = "rarfile-4.5.tar.gz"
 RARFILE_SDIST_SHA256 = "7425d0afa180f0092db903abb1526a130b36858980aad90b3694f48e41420155"

@@ -27,10 +27,11 @@ import pypdfium2
 import pytest
 
 from conftest import ROOT, run_launch
-from nougat_dist import download, sources
-from nougat_dist.download import Downloader, DownloadError
-from nougat_dist.manifest import inspect
-from nougat_dist.sources import InputError, Source, discover, read_bytes
+from nougat_dist.inputs import remote as download
+from nougat_dist.inputs import sources
+from nougat_dist.inputs.remote import Downloader, DownloadError
+from nougat_dist.store.manifest import inspect
+from nougat_dist.inputs.sources import InputError, Source, discover, read_bytes
 
 DROP_AFTER = 1000
 
@@ -280,7 +281,7 @@ def test_two_processes_same_url_leave_one_valid_file(server, tmp_path, pdf):
     # renames replace identical bytes. The slow server makes the downloads overlap.
     server.state.modes["/slow.pdf"] = "slow"
     cache = tmp_path / "shared-cache"
-    code = ("import sys; from pathlib import Path; from nougat_dist.download import Downloader; "
+    code = ("import sys; from pathlib import Path; from nougat_dist.inputs.remote import Downloader; "
             "print(Downloader(Path(sys.argv[1])).fetch(sys.argv[2]))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(cache), server.url("/slow.pdf")],

@@ -13,7 +13,7 @@ import pypdfium2
 import pytest
 
 from conftest import run_launch
-from nougat_dist.writer import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 
 def run_stock_cli(pdfs: list[Path], out: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:

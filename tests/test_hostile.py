@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_launch
-from nougat_dist.samples import write_sample_pdfs
+from testing.samples import write_sample_pdfs
 
 
 @pytest.mark.parametrize("kind,reason", [("render-hang", "did not finish within"),

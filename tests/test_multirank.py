@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_launch
-from nougat_dist.samples import write_long_pdf, write_sample_pdfs
+from testing.samples import write_long_pdf, write_sample_pdfs
 
 FAST, SLOW = 0.1, 1.0  # seconds per page of the fake model on rank 0 and rank 1 (sleeps)
 TIGHT = ["--unit-pages", "1", "--batch-size", "1", "--num-workers", "1", "--prefetch-factor", "1"]

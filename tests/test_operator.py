@@ -15,7 +15,7 @@ import yaml
 
 from conftest import ROOT, run_launch
 from nougat_dist.config import parse_args
-from nougat_dist.samples import write_sample_pdfs
+from testing.samples import write_sample_pdfs
 
 
 def test_config_file_then_flags_override(tmp_path):
@@ -116,7 +116,7 @@ def test_sigquit_prints_every_thread_stack_and_the_run_goes_on(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert "Current thread" in err and "nougat_dist/job.py" in err, err[-3000:]
+    assert "Current thread" in err and "nougat_dist/worker.py" in err, err[-3000:]
     assert json.loads((out / "stats.json").read_text())["complete"]
 
 
@@ -136,10 +136,10 @@ def test_pip_install_editable_gives_a_console_script(tmp_path):
 def test_live_status_counts_failures_by_status_and_rank(tmp_path):
     from types import SimpleNamespace
 
-    from nougat_dist.job import write_live_status
-    from nougat_dist.scheduler import (ST_DONE_PAGES, ST_ERROR, ST_FAIL, ST_RATE_MILLI,
+    from nougat_dist.store.status import write_live_status
+    from nougat_dist.sched.steal import (ST_DONE_PAGES, ST_ERROR, ST_FAIL, ST_RATE_MILLI,
                                        ST_RENDER_ERROR, STATUS_LEN)
-    from nougat_dist.status import render
+    from nougat_dist.store.status import render
 
     rows = [[0] * STATUS_LEN for _ in range(3)]
     rows[0][ST_DONE_PAGES], rows[0][ST_RATE_MILLI], rows[0][ST_FAIL] = 40, 2500, 2

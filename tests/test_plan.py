@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from nougat_dist.manifest import (MANIFEST_SCHEMA, DocEntry, DocTable, Unit, make_units,
+from nougat_dist.store.manifest import (MANIFEST_SCHEMA, DocEntry, DocTable, Unit, make_units,
                                   parse_unit_key, unit_key)
 
 
@@ -87,8 +87,8 @@ def test_empty_inputs_make_no_units():
 
 
 def test_manifest_round_trip_and_duplicates_as_a_table(tmp_path):
-    from nougat_dist import manifest
-    from nougat_dist.sources import Source
+    from nougat_dist.store import manifest
+    from nougat_dist.inputs.sources import Source
 
     docs = entries(50, seed=3)
     rows = docs + [dataclasses.replace(docs[7], source="/data/copy.pdf"), docs[2]]

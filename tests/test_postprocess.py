@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nougat_dist import postprocess as pp
+from nougat_dist.stages import postprocess as pp
 from nougat_dist.__main__ import main
-from nougat_dist.writer import DOCUMENTS_SCHEMA, PAGES_SCHEMA, atomic_write_table
+from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_SCHEMA, atomic_write_table
 
 BODY = ("Deep learning models read scanned pages and write markdown text that people can "
         "search, quote and reuse in new work.")

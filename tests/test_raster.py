@@ -13,10 +13,10 @@ from nougat.model import SwinEncoder
 from PIL import Image
 
 from nougat_dist import faults
-from nougat_dist.manifest import DocTable, inspect
-from nougat_dist.raster import (EncoderInput, LiveBatchSampler, PageDataset, close_loader,
+from nougat_dist.store.manifest import DocTable, inspect
+from nougat_dist.ocr.render import (EncoderInput, LiveBatchSampler, PageDataset, close_loader,
                                 crop_margin, kept_levels, make_loader, render_page)
-from nougat_dist.sources import Source
+from nougat_dist.inputs.sources import Source
 
 
 class NougatInput(EncoderInput):

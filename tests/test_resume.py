@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, run_launch
-from nougat_dist.samples import write_long_pdf, write_sample_pdfs
+from testing.samples import write_long_pdf, write_sample_pdfs
 
 FAKE = ["--test-fake-model", "delay=0.05", "--unit-pages", "2", "--commit-pages", "4",
         "--commit-seconds", "0.5", "--device", "cpu"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nougat_dist.runner import FakeModel, is_oom, page_results
+from nougat_dist.ocr.model import FakeModel, is_oom, page_results
 
 
 def _out(preds, repeats):
@@ -45,7 +45,7 @@ def test_fake_model_contract_and_per_rank_delay():
 
 
 def test_model_threads_leave_cores_to_rendering_only_when_it_needs_them():
-    from nougat_dist.runner import model_threads
+    from nougat_dist.ocr.model import model_threads
 
     # a real model on CPU: seconds per page against tens of ms of rendering -> every core
     assert model_threads(2, render_ms_per_page=25, model_ms_per_page=5000) == 2
@@ -59,7 +59,7 @@ def test_model_threads_leave_cores_to_rendering_only_when_it_needs_them():
 
 
 def test_cpu_threads_only_lower_and_settle():
-    from nougat_dist.runner import CpuThreads
+    from nougat_dist.ocr.model import CpuThreads
 
     before = torch.get_num_threads()
     try:

@@ -1,4 +1,4 @@
-"""Tests for :mod:`nougat_dist.samples`.
+"""Tests for :mod:`testing.samples`.
 
 Besides checking the generator itself, these tests pin the *observed*
 behaviour of pypdfium2 4.30 / pypdf 7.1 / nougat's ``rasterize_paper`` on the
@@ -24,7 +24,7 @@ import pypdf.errors
 import pypdfium2
 import pytest
 
-from nougat_dist import samples
+from testing import samples
 
 
 def _digests(paths: list[Path]) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from nougat_dist.scheduler import (STATUS_LEN, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_RESERVE,
+from nougat_dist.sched.steal import (STATUS_LEN, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_RESERVE,
                                    ST_STOP, all_finished, apply_steals, assign, plan_steals,
                                    stop_requested)
 

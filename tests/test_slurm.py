@@ -278,7 +278,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def pdfs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from nougat_dist.samples import write_long_pdf, write_sample_pdfs
+    from testing.samples import write_long_pdf, write_sample_pdfs
 
     root = tmp_path_factory.mktemp("slurm-pdfs")
     write_sample_pdfs(root / "small", n_docs=3, seed=1)

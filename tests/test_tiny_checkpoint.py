@@ -1,4 +1,4 @@
-"""Tests for nougat_dist.tiny_checkpoint: the checkpoint must go through nougat's real
+"""Tests for testing.tiny_checkpoint: the checkpoint must go through nougat's real
 loading path (get_checkpoint, NougatModel.from_pretrained, inference) offline."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from nougat import NougatModel
 from nougat.utils import checkpoint as nougat_checkpoint
-from nougat_dist.tiny_checkpoint import (
+from testing.tiny_checkpoint import (
     CHECKPOINT_FILES,
     FORMAT_VERSION,
     MARKER_KEY,

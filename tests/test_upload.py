@@ -11,8 +11,8 @@ import requests
 import yaml
 from huggingface_hub.utils import HfHubHTTPError
 
-from nougat_dist import postprocess as pp
-from nougat_dist import upload as up
+from nougat_dist.stages import postprocess as pp
+from nougat_dist.stages import upload as up
 from nougat_dist.__main__ import main
 from test_postprocess import write_job_output
 

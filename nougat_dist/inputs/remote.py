@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
-from .writer import fsync_dir
+from nougat_dist.store.chunks import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from nougat.model import SwinEncoder
 from nougat.transforms import test_transform
 from PIL import Image
 
-from . import faults
-from .manifest import DocEntry
-from .sources import Source, pdf_input
+from nougat_dist import faults
+from nougat_dist.store.manifest import DocEntry
+from nougat_dist.inputs.sources import Source, pdf_input
 
 log = logging.getLogger(__name__)
 

@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import platform
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, faults, gather, manifest
-from .config import Config
-from .dist import DistInfo, restart_count
-from .manifest import DocEntry, DocTable, Units
-from .raster import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate,
-                     close_loader, discard_workers, make_loader, render_isolated)
-from .runner import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec, is_oom,
-                     load_model, page_results, resolve_checkpoint)
-from .scheduler import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished, apply_steals,
-                        assign, plan_steals, stop_requested)
-from .sources import InputError, discover, prefetch
-from .writer import ChunkWriter, atomic_write_text
+from nougat_dist import faults
+from nougat_dist.config import Config
+from nougat_dist.dist import DistInfo, restart_count
+from nougat_dist.ocr.model import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec,
+                                   is_oom, load_model, page_results)
+from nougat_dist.ocr.nltk_words import _silence_nltk_download
+from nougat_dist.ocr.render import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate,
+                                    close_loader, discard_workers, make_loader, render_isolated)
+from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
+from nougat_dist.sched.steal import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished,
+                                     apply_steals, plan_steals, stop_requested)
+from nougat_dist.store import finalize as gather
+from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
+from nougat_dist.store.status import STATUS_EVERY_S, STATUS_FILE, write_live_status
 
 log = logging.getLogger(__name__)
 
@@ -67,279 +65,6 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-class SetupError(RuntimeError):
-    """The job cannot start; raised on every rank with the same message."""
-
-
-def _share(info: DistInfo, obj: Any) -> Any:
-    """Rank 0's object on every rank. An Exception travels too, and is raised everywhere."""
-    if info.distributed:
-        box = [obj if info.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=info.control_group)
-        obj = box[0]
-    if isinstance(obj, Exception):
-        raise SetupError(str(obj))
-    return obj
-
-
-def _check_output_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SetupError(f"cannot write to output directory {out}: {e}. Choose a writable --output.") from e
-
-
-def ensure_nltk_words() -> bool:
-    """Make sure nltk's `words` corpus (read by nougat's markdown postprocessing) is present.
-
-    Its presence changes the output text, and when it is missing nougat calls nltk.download once
-    per page. So: check once, try one download, and if that fails too, warn once and turn later
-    download attempts into no-ops (the text is then what the CLI writes offline).
-    """
-    import nltk
-
-    try:
-        nltk.data.find("corpora/words")
-        return True
-    except LookupError:
-        pass
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(15)
-    noise = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
-            ok = bool(nltk.download("words", quiet=True, raise_on_error=False))
-    except OSError:
-        ok = False
-    finally:
-        socket.setdefaulttimeout(old)
-    log.debug("nltk.download('words'): %s", noise.getvalue().strip())
-    if ok:
-        try:
-            nltk.data.find("corpora/words")
-            return True
-        except LookupError:
-            pass
-    log.warning("nltk 'words' corpus is missing and could not be downloaded: nougat's markdown "
-                "postprocessing will add a space after every page's last word. Install it with "
-                "`python -m nltk.downloader words` (or set NLTK_DATA) for the exact stock output.")
-    return False
-
-
-def _silence_nltk_download() -> None:
-    import nltk
-
-    nltk.download = lambda *a, **k: False  # type: ignore[assignment]
-
-
-@dataclass
-class Plan:
-    """What rank 0 decided and every rank needs."""
-
-    entries: Sequence[DocEntry] | None  # manifest rows, duplicates included: rank 0 only
-    docs: Sequence[DocEntry]  # unique documents; a DocTable on the other ranks
-    units: Units
-    todo: np.ndarray  # unit indices not yet committed
-    queues: list[list[int]]
-    checkpoint: str
-    nltk_ok: bool
-    total_pages: int
-    committed_pages: int = 0
-
-
-@dataclass
-class _PlanMessage:
-    """The plan as rank 0 sends it: Arrow bytes and integer arrays, cheap to pickle at any size.
-    Units are not sent: every rank derives the same ones from the documents."""
-
-    docs: bytes
-    todo: np.ndarray
-    queue_lengths: np.ndarray
-    queue_units: np.ndarray
-    checkpoint: str
-    nltk_ok: bool
-    total_pages: int
-    committed_pages: int
-
-
-def _todo_units(out: Path, docs: Sequence[DocEntry], units: Units) -> np.ndarray:
-    """Indices of the units no committed chunk holds yet."""
-    done = checkpoint.committed_units(out)
-    todo = np.ones(len(units), dtype=bool)
-    if done:
-        pos = {doc_id: i for i, doc_id in enumerate(manifest.doc_ids(docs))}
-        for key in done:
-            doc_id, first, last = manifest.parse_unit_key(key)
-            d = pos.get(doc_id)
-            j = units.find(d, first, last) if d is not None else None
-            if j is not None:
-                todo[j] = False
-    return np.flatnonzero(todo)
-
-
-def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
-    out = Path(cfg.output)
-    # Rank 0 decides what the job is; failures travel to every rank so nobody hangs in a barrier.
-    head: Any
-    if info.is_main:
-        try:
-            _check_output_dir(out)
-            sources = discover(cfg.input)
-            if not sources:
-                raise SetupError("the inputs contain no PDF files: " + " ".join(cfg.input))
-            old = manifest.load(out)
-            if old is not None and not manifest.same_inputs(old, sources):
-                if not cfg.rebuild_manifest:
-                    raise SetupError(
-                        f"{out} holds a manifest built from different inputs ({len(old)} documents "
-                        f"there, {len(sources)} now). Use the same --input to resume, another "
-                        "--output for a new job, or --rebuild-manifest to replace it.")
-                # Rows of the old inputs must not mix into the new dataset; keep them aside.
-                aside = out / f"pages.replaced-{int(time.time())}"
-                if (out / "pages").is_dir():
-                    (out / "pages").rename(aside)
-                    log.warning("--rebuild-manifest: previous page chunks moved to %s", aside)
-                old = None
-            needs_model = cfg.test_fake_model is None and not plan_only
-            ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if needs_model else ""
-            nltk_ok = ensure_nltk_words() if needs_model else True
-            checkpoint.remove_temp_files(out)
-            # The manifest rows stay here: the other ranks get only the unique documents, below.
-            entries = old
-            head = (sources if old is None else None, ckpt, nltk_ok)
-        except (SetupError, InputError, OSError, RuntimeError) as e:
-            head = SetupError(str(e))
-    else:
-        head = entries = None
-    sources, ckpt, nltk_ok = _share(info, head)
-
-    if sources is not None:
-        # Every rank hashes and counts the pages of its share of the documents.
-        # Remote documents of this rank's share download in parallel before being inspected.
-        prefetch(sources[info.rank::info.world_size])
-        mine = manifest.build_entries(sources, info.rank, info.world_size)
-        if info.distributed:
-            parts: list[Any] = [None] * info.world_size
-            dist.all_gather_object(parts, mine, group=info.control_group)
-        else:
-            parts = [mine]
-        if info.is_main:
-            entries = manifest.write(out, [e for _, e in sorted(x for part in parts for x in part)])
-            log.info("manifest: %d documents written to %s", len(entries), out / manifest.MANIFEST_FILE)
-
-    msg: Any = None
-    if info.is_main:
-        plan = decide_plan(out, entries, cfg.unit_pages, info.world_size, ckpt, nltk_ok)
-        if not info.distributed:
-            return plan
-        msg = plan_message(plan)
-    msg = _share(info, msg)
-    if info.is_main:
-        return plan
-    return plan_from_message(msg, cfg.unit_pages)
-
-
-def decide_plan(out: Path, entries: Sequence[DocEntry], unit_pages: int, world_size: int,
-                ckpt: str = "", nltk_ok: bool = True) -> Plan:
-    """Rank 0: unique documents, units, what is left to do, and each rank's queue."""
-    docs = manifest.unique_docs(entries)
-    units = manifest.make_units(docs, unit_pages)
-    todo = _todo_units(out, docs, units)
-    weights = units.n_pages[todo]
-    queues = [todo[np.asarray(q, dtype=np.int64)].tolist() for q in assign(weights.tolist(), world_size)]
-    total = int(units.n_pages.sum())
-    return Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total, total - int(weights.sum()))
-
-
-def plan_message(plan: Plan) -> _PlanMessage:
-    return _PlanMessage(
-        (plan.docs if isinstance(plan.docs, DocTable) else DocTable.from_entries(plan.docs)).to_bytes(),
-        plan.todo,
-        np.array([len(q) for q in plan.queues], dtype=np.int64),
-        np.fromiter((u for q in plan.queues for u in q), dtype=np.int64,
-                    count=sum(len(q) for q in plan.queues)),
-        plan.checkpoint, plan.nltk_ok, plan.total_pages, plan.committed_pages)
-
-
-def plan_from_message(msg: _PlanMessage, unit_pages: int) -> Plan:
-    """The other ranks: the same plan, without the manifest rows (rank 0 alone writes documents)."""
-    docs = DocTable.from_bytes(msg.docs)
-    units = manifest.make_units(docs, unit_pages)
-    ends = np.cumsum(msg.queue_lengths)
-    queues = [msg.queue_units[end - n:end].tolist() for n, end in zip(msg.queue_lengths, ends)]
-    return Plan(None, docs, units, msg.todo, queues, msg.checkpoint, msg.nltk_ok,
-                msg.total_pages, msg.committed_pages)
-
-
-def unit_weights(plan: Plan) -> list[int]:
-    """Pages of every unit still to do (0 for committed ones), indexed by unit."""
-    weights = np.zeros(len(plan.units), dtype=np.int64)
-    weights[plan.todo] = plan.units.n_pages[plan.todo]
-    return weights.tolist()
-
-
-def format_plan(plan: Plan, world_size: int, pages_per_s: float) -> str:
-    """What a run would do, for --plan: inputs, pages, duplicates, failures, split, estimate."""
-    entries = plan.entries
-    unreadable = [e for e in entries if e.error is not None]
-    archives = {e.source for e in entries if e.member is not None}
-    n_pages = plan.units.n_pages
-    rank_pages = [int(n_pages[np.asarray(q, dtype=np.int64)].sum()) for q in plan.queues]
-    todo = sum(rank_pages)
-    lines = [
-        f"documents       {len(entries)} input(s), {len(plan.docs)} unique by content "
-        f"({len(entries) - len(plan.docs)} duplicate(s))",
-        f"archives        {len(archives)} ({sum(1 for e in entries if e.member is not None)} member(s))",
-        f"pages           {plan.total_pages} in total, {plan.committed_pages} already committed, "
-        f"{todo} to do in {len(plan.todo)} unit(s)",
-        f"unreadable      {len(unreadable)}",
-    ]
-    for e in unreadable[:20]:
-        lines.append(f"  {e.source}{'::' + e.member if e.member else ''}: {e.error}")
-    if len(unreadable) > 20:
-        lines.append(f"  ... and {len(unreadable) - 20} more (see manifest.parquet)")
-    lines.append(f"ranks           {world_size}: " + ", ".join(
-        f"r{r} {p} pages" for r, p in enumerate(rank_pages)))
-    est = max(rank_pages, default=0) / pages_per_s
-    lines.append(f"estimate        {est / 60:.1f} min at {pages_per_s:g} pages/s per rank "
-                 "(--plan-pages-per-s), before stealing evens out the ranks")
-    return "\n".join(lines)
-
-
-STATUS_FILE = "status.json"
-STATUS_EVERY_S = 2.0
-
-
-def write_live_status(out: Path, plan: Plan, status: list[list[int]], work_start: float,
-                      state: str) -> None:
-    """Rank 0's view of the job from the last status round, for `python -m nougat_dist status`."""
-    from .scheduler import ST_RATE_MILLI
-
-    done = sum(row[ST_DONE_PAGES] for row in status)
-    failures = {name: sum(row[i] for row in status) for name, i in FAILURE_FIELDS.items()}
-    elapsed = max(time.time() - work_start, 1e-9)
-    todo = plan.total_pages - plan.committed_pages
-    rate = done / elapsed
-    body = {
-        "state": state,
-        "updated": time.time(),
-        "pages_total": plan.total_pages,
-        "pages_done": plan.committed_pages + done,
-        "pages_per_s": round(rate, 3),
-        "eta_s": round((todo - done) / rate, 1) if rate > 0 else None,
-        "failures_by_status": {k: v for k, v in failures.items() if v},
-        "ranks_alive": len(status),
-        "per_rank": [{"rank": r, "pages": row[ST_DONE_PAGES],
-                      "pages_per_s": round(row[ST_RATE_MILLI] / 1000, 3),
-                      "failed": sum(row[i] for i in FAILURE_FIELDS.values())}
-                     for r, row in enumerate(status)],
-    }
-    atomic_write_text(json.dumps(body, indent=2) + "\n", out / STATUS_FILE)
 
 
 @dataclass

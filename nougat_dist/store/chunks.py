@@ -13,7 +13,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import faults
+from nougat_dist import faults
 
 log = logging.getLogger(__name__)
 

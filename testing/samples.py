@@ -132,7 +132,7 @@ FIXED_DATE = datetime(2024, 1, 1, 0, 0, 0, tzinfo=timezone.utc)
 #: Pinned producer/creator strings.  fpdf2's default producer contains its own
 #: version ("PyFPDF/fpdf2.8.9"), which would change the bytes on an upgrade.
 PRODUCER = "nougat-dist samples"
-CREATOR = "nougat_dist.samples"
+CREATOR = "testing.samples"
 
 #: Passwords of the ``encrypted`` bad input.  The user password is what a
 #: reader would need to open it; pipelines are expected *not* to know it.
@@ -670,7 +670,7 @@ def _new_fpdf(title: str = "", author: str = "", header: str = "") -> "FPDF":
         from fpdf import FPDF
     except ImportError as exc:  # fpdf2 is a dev/test dependency only
         raise ImportError(
-            "nougat_dist.samples needs fpdf2 (pip install -r requirements-dev.txt)"
+            "testing.samples needs fpdf2 (pip install -r requirements-dev.txt)"
         ) from exc
 
     class _PaperPDF(FPDF):
@@ -999,7 +999,7 @@ def write_bad_inputs(out_dir: str | Path) -> dict[str, Path]:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m nougat_dist.samples",
+        prog="python -m testing.samples",
         description=(
             "Write deterministic sample PDFs for the nougat-dist demo and tests.\n\n"
             "By default writes --n-docs academic-paper-like PDFs as OUT_DIR/sample_NNN.pdf:\n"
@@ -1011,9 +1011,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n"
-            "  python -m nougat_dist.samples demo_pdfs\n"
-            "  python -m nougat_dist.samples demo_pdfs --n-docs 5 --seed 1 --bad --long 500\n"
-            "  python -m nougat_dist.samples demo_pdfs --n-docs 0 --bad   # hostile inputs only"
+            "  python -m testing.samples demo_pdfs\n"
+            "  python -m testing.samples demo_pdfs --n-docs 5 --seed 1 --bad --long 500\n"
+            "  python -m testing.samples demo_pdfs --n-docs 0 --bad   # hostile inputs only"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

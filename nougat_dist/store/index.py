@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .writer import PAGES_DIR, TMP_PREFIX, chunk_units
+from nougat_dist.store.chunks import PAGES_DIR, TMP_PREFIX, chunk_units
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ those into different weights; compare behaviour, not hashes, across machines.
 
 Usage::
 
-    python -m nougat_dist.tiny_checkpoint OUT_DIR [--seed N] [--max-length N] [--overwrite]
+    python -m testing.tiny_checkpoint OUT_DIR [--seed N] [--max-length N] [--overwrite]
 """
 
 from __future__ import annotations
@@ -674,7 +674,7 @@ def build_tiny_checkpoint(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m nougat_dist.tiny_checkpoint",
+        prog="python -m testing.tiny_checkpoint",
         description=(
             "Write a tiny Nougat checkpoint with RANDOM weights (about 6 MB: a "
             f"{INPUT_SIZE[0]}x{INPUT_SIZE[1]} Swin encoder with embed_dim {EMBED_DIM} and a "

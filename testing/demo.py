@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-docs", type=int, default=3, help="Sample papers to generate.")
     args = parser.parse_args(argv)
 
-    from .samples import write_sample_pdfs
-    from .tiny_checkpoint import build_tiny_checkpoint
+    from testing.samples import write_sample_pdfs
+    from testing.tiny_checkpoint import build_tiny_checkpoint
 
     cache = ROOT / ".cache"
     ckpt = build_tiny_checkpoint(cache / "tiny-checkpoint", seed=0)

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pypdfium2
 
-from . import faults
-from .sources import Source, read_bytes
-from .writer import atomic_write_table
+from nougat_dist import faults
+from nougat_dist.inputs.sources import Source, read_bytes
+from nougat_dist.store.chunks import atomic_write_table
 
 log = logging.getLogger(__name__)
 

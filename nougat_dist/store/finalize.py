@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .checkpoint import chunk_paths, committed_units
-from .manifest import DocEntry, parse_unit_key
-from .writer import DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, atomic_write_table, chunk_units
+from nougat_dist.store.index import chunk_paths, committed_units
+from nougat_dist.store.manifest import DocEntry, parse_unit_key
+from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, atomic_write_table, chunk_units
 
 log = logging.getLogger(__name__)
 

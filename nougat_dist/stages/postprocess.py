@@ -52,8 +52,8 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .gather import DOCUMENTS_FILE, read_pages
-from .writer import DOCUMENTS_SCHEMA, atomic_write_table, atomic_write_text
+from nougat_dist.store.finalize import DOCUMENTS_FILE, read_pages
+from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, atomic_write_table, atomic_write_text
 
 log = logging.getLogger(__name__)
 

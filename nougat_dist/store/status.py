@@ -13,11 +13,49 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
+if TYPE_CHECKING:
+    from nougat_dist.sched.plan import Plan
+
 STALE_AFTER_S = 60.0
+
+
+STATUS_FILE = "status.json"
+
+
+STATUS_EVERY_S = 2.0
+
+
+def write_live_status(out: Path, plan: "Plan", status: list[list[int]], work_start: float,
+                      state: str) -> None:
+    """Rank 0's view of the job from the last status round, for `python -m nougat_dist status`."""
+    from nougat_dist.sched.steal import FAILURE_FIELDS, ST_DONE_PAGES, ST_RATE_MILLI
+    from nougat_dist.store.chunks import atomic_write_text
+
+    done = sum(row[ST_DONE_PAGES] for row in status)
+    failures = {name: sum(row[i] for row in status) for name, i in FAILURE_FIELDS.items()}
+    elapsed = max(time.time() - work_start, 1e-9)
+    todo = plan.total_pages - plan.committed_pages
+    rate = done / elapsed
+    body = {
+        "state": state,
+        "updated": time.time(),
+        "pages_total": plan.total_pages,
+        "pages_done": plan.committed_pages + done,
+        "pages_per_s": round(rate, 3),
+        "eta_s": round((todo - done) / rate, 1) if rate > 0 else None,
+        "failures_by_status": {k: v for k, v in failures.items() if v},
+        "ranks_alive": len(status),
+        "per_rank": [{"rank": r, "pages": row[ST_DONE_PAGES],
+                      "pages_per_s": round(row[ST_RATE_MILLI] / 1000, 3),
+                      "failed": sum(row[i] for i in FAILURE_FIELDS.values())}
+                     for r, row in enumerate(status)],
+    }
+    atomic_write_text(json.dumps(body, indent=2) + "\n", out / STATUS_FILE)
+
 
 
 def add_status_args(p: argparse.ArgumentParser) -> None:
@@ -29,8 +67,8 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
 
 def collect(out: Path) -> dict[str, Any]:
     """Done / remaining / failed pages and the job's state."""
-    from .checkpoint import chunk_paths, committed_units
-    from .manifest import load, make_units, unique_docs
+    from nougat_dist.store.index import chunk_paths, committed_units
+    from nougat_dist.store.manifest import load, make_units, unique_docs
 
     entries = load(out)
     if entries is None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import archives, download
+from nougat_dist.inputs import archives
+from nougat_dist.inputs import remote as download
 
 log = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".lst", ".list", ".urls")
