@@ -39,15 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     # rank (or one of its render workers, which inherit this) is waiting.
     faulthandler.register(signal.SIGQUIT, all_threads=True)
     nlog.setup(None, 0)
-    rank = 0
     try:
-        info = ndist.init(cfg.device)
-        rank = info.rank
+        info = ndist.init(cfg.device, control_backend=cfg.control_backend)
         nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
         return run(cfg, info, plan_only=actions.plan)
     except (SetupError, CheckpointError, ndist.DeviceError) as e:
-        if rank == 0:
-            log.error("%s", e)
+        # Every rank logs it (the console shows rank 0's, and every rank's before its logging
+        # is set up): a device or /dev/shm error can be one rank's or one node's alone.
+        log.error("%s", e)
         return EXIT_SETUP
     finally:
         ndist.teardown()

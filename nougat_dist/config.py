@@ -31,6 +31,7 @@ class Config:
     markdown: bool = True
     skipping: bool = True
     device: str = "auto"
+    control_backend: str = "auto"
     unit_pages: int = 16
     steal: bool = True
     commit_pages: int = 256
@@ -55,6 +56,8 @@ class Config:
             raise ConfigError(f"--commit-pages must be >= 1, got {self.commit_pages}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"--device must be auto, cuda or cpu, got {self.device!r}")
+        if self.control_backend not in ("auto", "gloo"):
+            raise ConfigError(f"--control-backend must be auto or gloo, got {self.control_backend!r}")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -77,7 +80,13 @@ FIELD_HELP: dict[str, str] = {
     "full_precision": "Run the model in float32 instead of bfloat16 (same meaning as the nougat CLI).",
     "markdown": "Apply nougat's markdown_compatible postprocessing (default on; --no-markdown as the CLI).",
     "skipping": "Apply nougat's failure-detection heuristic (default on; --no-skipping as the CLI).",
-    "device": "auto (cuda:LOCAL_RANK when a GPU is visible, else CPU), cuda, or cpu.",
+    "device": "auto (cuda:LOCAL_RANK when a GPU is visible, else CPU), cuda, or cpu. auto never "
+    "falls back to the CPU when the job was given GPUs (CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE, "
+    "/dev/nvidia*) that torch cannot use: that exits with code 2 and the reason.",
+    "control_backend": "Backend of the process group that carries the plan, status rounds, "
+    "stealing and barriers: auto = NCCL on GPUs (small CUDA tensors, asynchronous), gloo on CPU. "
+    "gloo runs them on the CPU even on GPUs: an escape hatch for a node whose NCCL does not "
+    "work (set GLOO_SOCKET_IFNAME on multi-homed nodes).",
     "unit_pages": "Largest work unit, in pages. Long documents are split into units of at most this "
     "many pages so that one book can be spread over several ranks.",
     "steal": "Let idle ranks take queued units from the most loaded rank (--no-steal: static split).",

@@ -17,12 +17,13 @@ import torch.distributed as dist
 
 from nougat_dist import faults
 from nougat_dist.config import Config
-from nougat_dist.dist import DistInfo, restart_count
+from nougat_dist.dist import DistInfo, describe, restart_count
 from nougat_dist.ocr.model import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec,
                                    is_oom, load_model, page_results)
 from nougat_dist.ocr.nltk_words import _silence_nltk_download
-from nougat_dist.ocr.render import (Batch, EncoderInput, LiveBatchSampler, PageDataset, collate,
-                                    close_loader, discard_workers, make_loader, render_isolated)
+from nougat_dist.ocr.render import (Batch, EncoderInput, LiveBatchSampler, PageDataset, check_shm,
+                                    close_loader, collate, discard_workers, make_loader,
+                                    render_isolated, shm_free, shm_needed)
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished,
                                      apply_steals, plan_steals, stop_requested)
@@ -136,6 +137,10 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
         dtype_name = "float32" if cfg.full_precision else "bfloat16"
 
     batch_size = cfg.batch_size or _auto_batch_size(info.device)
+    log.info("%s; dtype %s, batch size %d, %d render worker(s) x prefetch %d, checkpoint %s",
+             describe(info), dtype_name, batch_size, cfg.num_workers, cfg.prefetch_factor, model_id)
+    check_shm(shm_needed(input_size, batch_size, cfg.num_workers, cfg.prefetch_factor,
+                         info.local_world_size), shm_free(), cfg.num_workers, cfg.prefetch_factor)
     stats = RankStats(rank=info.rank)
     writer = ChunkWriter(out, info.rank, cfg.commit_pages, cfg.commit_seconds)
     docs, units, queues = plan.docs, plan.units, plan.queues
@@ -185,7 +190,7 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = CpuThreads(cores) if cfg.num_workers > 0 else None
     runner = PageRunner(model, cfg, stats)
-    rounds = StatusRounds(info.world_size, info.control_group)
+    rounds = StatusRounds(info.world_size, info.control_group, info.comm_device)
     bar = _progress_bar(info, plan)
 
     def vector() -> list[int]:

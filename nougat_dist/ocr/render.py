@@ -9,8 +9,10 @@ prepare_input by `crop_margin` below, which finds the same box three times faste
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from nougat.transforms import test_transform
 from PIL import Image
 
 from nougat_dist import faults
+from nougat_dist.errors import SetupError
 from nougat_dist.store.manifest import DocEntry
 from nougat_dist.inputs.sources import Source, pdf_input
 
@@ -156,6 +159,14 @@ class Batch:
     errors: dict[int, str]  # position in keys → render error
     render_ms: list[float]
 
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader's pin-memory thread (pin_memory=True): page-locked images make
+        the rank's `.to(device, non_blocking=True)` a real asynchronous copy. Without this method
+        the thread would pass the dataclass through untouched, from pageable memory."""
+        if self.images is None:
+            return self
+        return dataclasses.replace(self, images=self.images.pin_memory())
+
 
 def collate(items: list[PageItem]) -> Batch:
     ok = [i for i, it in enumerate(items) if it.image is not None]
@@ -203,6 +214,40 @@ class LiveBatchSampler:
                     batch = []
         if batch:
             yield batch
+
+
+SHM_PATH = "/dev/shm"
+
+
+def shm_needed(input_size: Sequence[int], batch_size: int, num_workers: int, prefetch_factor: int,
+               ranks_on_node: int = 1) -> int:
+    """Bytes of /dev/shm the render workers of this node hold at once: each worker hands back its
+    prefetched batches (float32 page tensors, 3 x H x W) through shared memory."""
+    page = 3 * input_size[0] * input_size[1] * 4
+    return page * batch_size * num_workers * prefetch_factor * ranks_on_node
+
+
+def shm_free(path: str = SHM_PATH) -> int | None:
+    """Free bytes in the shared-memory file system, or None where there is none to check."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm(needed: int, free: int | None, num_workers: int, prefetch_factor: int) -> None:
+    """Fail at start, with what to change, instead of workers dying mid-job (Docker's default
+    /dev/shm is 64 MB; one batch at nougat's real input size is hundreds)."""
+    if free is None or num_workers == 0 or needed <= free:
+        return
+    mib = 2 ** 20
+    raise SetupError(
+        f"{SHM_PATH} has {free / mib:.0f} MiB free but the render workers of this node will hold "
+        f"about {needed / mib:.0f} MiB in it ({num_workers} worker(s) x prefetch {prefetch_factor} "
+        "batches per rank). In Docker run with --ipc=host or --shm-size=<more> (e.g. "
+        f"--shm-size={max(1, -(-needed * 2 // 2**30))}g); or lower --num-workers / "
+        "--prefetch-factor / --batch-size.")
 
 
 def make_loader(dataset: PageDataset, sampler: LiveBatchSampler, num_workers: int,

@@ -120,15 +120,19 @@ def stop_requested(status: Sequence[Sequence[int]]) -> bool:
 
 
 class StatusRounds:
-    """Asynchronous all_gather of status vectors on the control group.
+    """Asynchronous all_gather of status vectors on the job's process group.
 
     A rank posts round k and keeps working; it applies round k only once every rank has posted
     it, then posts k+1. Nobody blocks on a peer's batch unless it has nothing left to do.
+    The vectors live on `device`: the rank's GPU on NCCL (is_completed() then asks the CUDA
+    event, without waiting), the CPU on gloo — the same code either way.
     """
 
-    def __init__(self, world_size: int, group: object | None) -> None:
+    def __init__(self, world_size: int, group: object | None,
+                 device: torch.device | str = "cpu") -> None:
         self.world_size = world_size
         self.group = group
+        self.device = torch.device(device)
         self.rounds = 0
         self._work = None
         self._posted = False
@@ -143,11 +147,12 @@ class StatusRounds:
 
         assert not self._posted, "apply the posted round before posting the next"
         self._posted = True
-        mine = torch.tensor(list(vector), dtype=torch.int64)
+        mine = torch.tensor(list(vector), dtype=torch.int64, device=self.device)
         if self.world_size == 1:
             self._out = [mine]
             return
-        self._out = [torch.empty(STATUS_LEN, dtype=torch.int64) for _ in range(self.world_size)]
+        self._out = [torch.empty(STATUS_LEN, dtype=torch.int64, device=self.device)
+                     for _ in range(self.world_size)]
         self._work = dist.all_gather(self._out, mine, group=self.group, async_op=True)
 
     def ready(self) -> bool:
@@ -161,4 +166,5 @@ class StatusRounds:
             self._work = None
         self._posted = False
         self.rounds += 1
-        return [t.tolist() for t in self._out]
+        # One copy to the host (on CUDA it also waits for the gather), not one per rank.
+        return torch.stack(self._out).cpu().tolist()
