@@ -38,17 +38,28 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -QUIT <pid>` prints every thread's Python stack to stderr: how to see where a stuck
     # rank (or one of its render workers, which inherit this) is waiting.
     faulthandler.register(signal.SIGQUIT, all_threads=True)
+    from nougat_dist.store.attempts import AttemptRecord
+
     nlog.setup(None, 0)
+    record: AttemptRecord | None = None
+    rc: int | None = None
     try:
         info = ndist.init(cfg.device, control_backend=cfg.control_backend)
         nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
-        return run(cfg, info, plan_only=actions.plan)
+        if not actions.plan:
+            record = AttemptRecord(Path(cfg.output), info.rank, info.world_size, str(info.device))
+            record.begin()
+        rc = run(cfg, info, plan_only=actions.plan)
+        return rc
     except (SetupError, CheckpointError, ndist.DeviceError) as e:
         # Every rank logs it (the console shows rank 0's, and every rank's before its logging
         # is set up): a device or /dev/shm error can be one rank's or one node's alone.
         log.error("%s", e)
-        return EXIT_SETUP
+        rc = EXIT_SETUP
+        return rc
     finally:
+        if record is not None:
+            record.end(rc, None if rc is not None else "error (see the rank log)")
         ndist.teardown()
         # A render worker left alive by an unforeseen path would hang the exit (it ignores the
         # SIGTERM multiprocessing's exit handler sends before joining it): the job is over here.

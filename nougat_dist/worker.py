@@ -27,6 +27,7 @@ from nougat_dist.ocr.render import (Batch, EncoderInput, LiveBatchSampler, PageD
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished,
                                      apply_steals, plan_steals, stop_requested)
+from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
 from nougat_dist.store.status import STATUS_EVERY_S, STATUS_FILE, write_live_status
@@ -366,7 +367,7 @@ def _versions() -> dict[str, str]:
 
 def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: ChunkWriter) -> int:
     out = Path(cfg.output)
-    mine = stats.__dict__.copy()
+    mine = {**stats.__dict__, "host": platform.node(), "chunks": writer.committed}
     if info.distributed:
         parts: list[Any] = [None] * info.world_size
         dist.all_gather_object(parts, mine, group=info.control_group)
@@ -375,6 +376,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
         parts = [mine]
     if not info.is_main:
         return EXIT_OK
+    attempts.wait_for_chunks(out, [name for p in parts for name in p["chunks"]])
     removed = gather.drop_duplicate_units(out)
     docs_table = gather.write_documents(out, plan.entries)
     counts = gather.status_counts(out)
@@ -401,7 +403,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
         "world_size": info.world_size,
         "restart_count": restart_count(),
         "per_rank": [
-            {"rank": p["rank"], "pages": p["pages"], "units": p["units"],
+            {"rank": p["rank"], "host": p["host"], "pages": p["pages"], "units": p["units"],
              "units_stolen": p["units_stolen"],
              "pages_per_s": round(p["pages"] / p["busy_s"], 3) if p["busy_s"] else None,
              "busy_s": round(p["busy_s"], 3), "idle_s": round(p["idle_s"], 3),
@@ -409,6 +411,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
              "render_recoveries": p["render_recoveries"], "rounds": p["rounds"]}
             for p in parts
         ],
+        **attempts.summarize(out, attempts.current_attempt() or ""),
         "config": {k: v for k, v in cfg.__dict__.items()},
         "versions": _versions(),
     }

@@ -121,6 +121,8 @@ class ChunkWriter:
     _ready_units: list[str] = field(default_factory=list)
     _last_commit: float = field(default_factory=time.monotonic)
     committed_pages: int = 0
+    # Names of the chunks this writer committed: rank 0 waits until it sees each (store/attempts).
+    committed: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pages_dir = self.out_dir / PAGES_DIR
@@ -169,6 +171,7 @@ class ChunkWriter:
                            before_replace=lambda: faults.hit("commit"))
         log.debug("committed %s: %d rows, %d units", path.name, table.num_rows, len(self._ready_units))
         self.seq += 1
+        self.committed.append(path.name)
         self.committed_pages += table.num_rows
         self._ready_rows, self._ready_units = [], []
         return path
