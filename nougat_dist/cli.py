@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
         if not actions.plan:
             record = AttemptRecord(Path(cfg.output), info.rank, info.world_size, str(info.device))
-            record.begin()
+            if not record.begin():
+                record = None
         rc = run(cfg, info, plan_only=actions.plan)
         return rc
     except (SetupError, CheckpointError, ndist.DeviceError) as e:

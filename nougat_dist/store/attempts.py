@@ -70,11 +70,18 @@ class AttemptRecord:
             "device": device, "pid": os.getpid(), "start": time.time(),
             "start_seq": _next_seq(out_dir, rank), "end": None, "exit": None}
 
-    def begin(self) -> None:
+    def begin(self) -> bool:
+        """Write the start record; False if the output dir is not writable (the job's own
+        check then reports it with a message that says what to do)."""
         global _current
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(self.data) + "\n", self.path)
+        except OSError as e:
+            log.debug("no attempt record: %s", e)
+            return False
         _current = self.key
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(self.data) + "\n", self.path)
+        return True
 
     def end(self, code: int | None, reason: str | None = None) -> None:
         """Record the exit (code None: an exception, named by `reason`)."""
