@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from nougat_dist.store.layout import OutputDir
+
 FORMAT = "%(asctime)s r{rank} %(levelname)s %(name)s: %(message)s"
 
 
@@ -18,8 +20,9 @@ def setup(out_dir: Path | None, rank: int, level: str = "INFO") -> None:
     fmt = logging.Formatter(FORMAT.format(rank=rank), datefmt="%H:%M:%S")
     if out_dir is not None:
         try:
-            (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(out_dir / "logs" / f"rank{rank}.log", encoding="utf-8")
+            layout = OutputDir(out_dir)
+            layout.logs.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(layout.rank_log(rank), encoding="utf-8")
         except OSError:
             pass  # an unwritable output dir is reported by the job's own check, on the console
         else:

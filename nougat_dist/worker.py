@@ -30,6 +30,7 @@ from nougat_dist.sched.steal import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds
 from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
+from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.status import STATUS_EVERY_S, STATUS_FILE, write_live_status
 
 log = logging.getLogger(__name__)
@@ -415,7 +416,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
         "config": {k: v for k, v in cfg.__dict__.items()},
         "versions": _versions(),
     }
-    atomic_write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", out / "stats.json")
+    atomic_write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", OutputDir(out).stats)
     atomic_write_text(json.dumps({"state": "finished", "updated": time.time(),
                                   "pages_total": plan.total_pages, "pages_done": plan.total_pages,
                                   "pages_per_s": result["pages_per_s"], "eta_s": 0,

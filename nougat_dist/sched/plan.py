@@ -22,6 +22,7 @@ from nougat_dist.ocr.nltk_words import ensure_nltk_words
 from nougat_dist.sched.steal import assign
 from nougat_dist.store import index as checkpoint
 from nougat_dist.store import manifest
+from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.manifest import DocEntry, DocTable, Units
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
                         "--output for a new job, or --rebuild-manifest to replace it.")
                 # Rows of the old inputs must not mix into the new dataset; keep them aside.
                 aside = out / f"pages.replaced-{int(time.time())}"
-                if (out / "pages").is_dir():
-                    (out / "pages").rename(aside)
+                if OutputDir(out).pages.is_dir():
+                    OutputDir(out).pages.rename(aside)
                     log.warning("--rebuild-manifest: previous page chunks moved to %s", aside)
                 old = None
             needs_model = cfg.test_fake_model is None and not plan_only

@@ -54,11 +54,10 @@ import pyarrow.parquet as pq
 
 from nougat_dist.store.finalize import DOCUMENTS_FILE, read_pages
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, atomic_write_table, atomic_write_text
+from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-CLEAN_DIR = "clean"
-CHUNKS_DIR = "chunks"
 REPORT_FILE = "report.json"
 
 CLEAN_PAGES_SCHEMA = pa.schema([

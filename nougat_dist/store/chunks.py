@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nougat_dist import faults
+from nougat_dist.store.layout import PAGES_DIR, TMP_PREFIX  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ DOCUMENTS_SCHEMA = pa.schema([
 
 #: Parquet key-value metadata key listing the units a chunk completes (JSON list of unit keys).
 UNITS_KEY = b"nougat_dist.units"
-PAGES_DIR = "pages"
-TMP_PREFIX = ".tmp-"
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from nougat_dist.store.layout import DOCUMENTS_FILE, OutputDir  # noqa: F401 (re-exported)
 from nougat_dist.store.index import chunk_paths, committed_units
 from nougat_dist.store.manifest import DocEntry, parse_unit_key
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, atomic_write_table, chunk_units
@@ -20,7 +21,6 @@ from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, 
 log = logging.getLogger(__name__)
 
 FAILED_STATUSES = ("fail", "render_error", "error")
-DOCUMENTS_FILE = "documents.parquet"
 
 
 def drop_duplicate_units(out_dir: Path) -> int:
@@ -100,7 +100,7 @@ def write_documents(out_dir: Path, entries: Sequence[DocEntry]) -> pa.Table:
             "duplicates": dup_sources[e.doc_id],
         })
     table = pa.Table.from_pylist(rows, schema=DOCUMENTS_SCHEMA)
-    atomic_write_table(table, out_dir / DOCUMENTS_FILE)
+    atomic_write_table(table, OutputDir(out_dir).documents)
     return table
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nougat_dist.store.chunks import PAGES_DIR, TMP_PREFIX, chunk_units
+from nougat_dist.store.chunks import chunk_units
+from nougat_dist.store.layout import TMP_PREFIX, OutputDir
 
 log = logging.getLogger(__name__)
 
 
 def chunk_paths(out_dir: Path) -> list[Path]:
     """Committed page chunks, in a stable order (temp files of interrupted commits excluded)."""
-    d = out_dir / PAGES_DIR
+    d = OutputDir(out_dir).pages
     if not d.is_dir():
         return []
     return sorted(p for p in d.glob("part-*.parquet") if not p.name.startswith(TMP_PREFIX))
@@ -21,7 +22,7 @@ def chunk_paths(out_dir: Path) -> list[Path]:
 def remove_temp_files(out_dir: Path) -> int:
     """Delete leftovers of commits interrupted by a crash. Call before any rank starts writing."""
     n = 0
-    for d in (out_dir, out_dir / PAGES_DIR):
+    for d in (out_dir, OutputDir(out_dir).pages):
         if d.is_dir():
             for p in d.glob(TMP_PREFIX + "*"):
                 p.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import pypdfium2
 from nougat_dist import faults
 from nougat_dist.inputs.sources import Source, read_bytes
 from nougat_dist.store.chunks import atomic_write_table
+from nougat_dist.store.layout import MANIFEST_FILE, OutputDir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("sha256", pa.string(), nullable=False),
     pa.field("error", pa.string()),
 ])
-MANIFEST_FILE = "manifest.parquet"
 
 
 @dataclass(frozen=True)
@@ -120,13 +120,13 @@ def to_table(entries: Iterable[DocEntry]) -> pa.Table:
 def write(out_dir: Path, entries: Sequence[DocEntry]) -> "DocTable":
     """Write the manifest; returns it as a DocTable (the job keeps no per-row objects)."""
     table = to_table(entries)
-    atomic_write_table(table, out_dir / MANIFEST_FILE)
+    atomic_write_table(table, OutputDir(out_dir).manifest)
     return DocTable(table)
 
 
 def load(out_dir: Path) -> "DocTable | None":
     """The manifest of a previous run in out_dir, or None when there is none."""
-    path = out_dir / MANIFEST_FILE
+    path = OutputDir(out_dir).manifest
     if not path.exists():
         return None
     return DocTable(pq.read_table(path, schema=MANIFEST_SCHEMA))

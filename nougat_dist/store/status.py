@@ -17,15 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
+from nougat_dist.store.layout import STATUS_FILE, OutputDir  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:
     from nougat_dist.sched.plan import Plan
 
 STALE_AFTER_S = 60.0
-
-
-STATUS_FILE = "status.json"
-
-
 STATUS_EVERY_S = 2.0
 
 
@@ -54,7 +51,7 @@ def write_live_status(out: Path, plan: "Plan", status: list[list[int]], work_sta
                       "failed": sum(row[i] for i in FAILURE_FIELDS.values())}
                      for r, row in enumerate(status)],
     }
-    atomic_write_text(json.dumps(body, indent=2) + "\n", out / STATUS_FILE)
+    atomic_write_text(json.dumps(body, indent=2) + "\n", OutputDir(out).status)
 
 
 
@@ -67,6 +64,7 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
 
 def collect(out: Path) -> dict[str, Any]:
     """Done / remaining / failed pages and the job's state."""
+    from nougat_dist.store.finalize import FAILED_STATUSES
     from nougat_dist.store.index import chunk_paths, committed_units
     from nougat_dist.store.manifest import load, make_units, unique_docs
 
@@ -81,18 +79,19 @@ def collect(out: Path) -> dict[str, Any]:
         statuses.update(pq.read_table(p, columns=["status"])["status"].to_pylist())
     done = sum(statuses.values())
     live: dict[str, Any] = {}
-    if (out / "status.json").exists():
-        live = json.loads((out / "status.json").read_text())
+    layout = OutputDir(out)
+    if layout.status.exists():
+        live = json.loads(layout.status.read_text())
     state = live.get("state", "not started" if done == 0 else "interrupted (no live status)")
     age = time.time() - live["updated"] if "updated" in live else None
-    if (out / "stats.json").exists() and json.loads((out / "stats.json").read_text()).get("complete"):
+    if layout.stats.exists() and json.loads(layout.stats.read_text()).get("complete"):
         state = "finished"
     elif state == "running" and age is not None and age > STALE_AFTER_S:
         state = f"not updated for {age:.0f}s: crashed or stalled (run the same command to resume)"
     return {
         "output": str(out), "state": state, "documents": len(docs), "pages_total": total,
         "pages_done": done, "pages_remaining": max(total - done, 0),
-        "pages_failed": sum(n for s, n in statuses.items() if s in ("fail", "render_error", "error")),
+        "pages_failed": sum(n for s, n in statuses.items() if s in FAILED_STATUSES),
         "by_status": dict(sorted(statuses.items())), "units_committed": len(committed_units(out)),
         # status.json is up to a few seconds older than the chunks: never report fewer pages
         # processed than are already committed.

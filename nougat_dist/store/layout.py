@@ -1,0 +1,79 @@
+"""Every path of an output directory, spelled once.
+
+Modules ask an `OutputDir` for a path instead of joining string literals, so the layout of
+`--output` is readable (and changeable) in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Prefix of files being written: never read as data, deleted on the next start.
+TMP_PREFIX = ".tmp-"
+PAGES_DIR = "pages"
+CLEAN_DIR = "clean"
+CHUNKS_DIR = "chunks"
+LOGS_DIR = "logs"
+MANIFEST_FILE = "manifest.parquet"
+DOCUMENTS_FILE = "documents.parquet"
+STATUS_FILE = "status.json"
+STATS_FILE = "stats.json"
+LEASE_FILE = "lease.json"
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """The output directory of one job and every file in it."""
+
+    root: Path
+
+    def __init__(self, root: Path | str) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def pages(self) -> Path:
+        """Committed page chunks (`part-*.parquet`)."""
+        return self.root / PAGES_DIR
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    @property
+    def documents(self) -> Path:
+        return self.root / DOCUMENTS_FILE
+
+    @property
+    def status(self) -> Path:
+        """Live status, rewritten by rank 0 every few seconds."""
+        return self.root / STATUS_FILE
+
+    @property
+    def stats(self) -> Path:
+        """Written once at the end of a complete job."""
+        return self.root / STATS_FILE
+
+    @property
+    def clean(self) -> Path:
+        return self.root / CLEAN_DIR
+
+    @property
+    def chunks(self) -> Path:
+        return self.root / CHUNKS_DIR
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS_DIR
+
+    @property
+    def lease(self) -> Path:
+        """The single-writer lease (see `nougat_dist.store.lease`)."""
+        return self.root / LEASE_FILE
+
+    def rank_log(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.log"
+
+    def derived(self) -> list[Path]:
+        """Files computed from the pages: stale as soon as the pages change."""
+        return [self.documents, self.stats, self.clean, self.chunks]
