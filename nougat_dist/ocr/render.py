@@ -28,6 +28,7 @@ from PIL import Image
 
 from nougat_dist import faults
 from nougat_dist.errors import SetupError
+from nougat_dist.ocr.predict import predict_page
 from nougat_dist.store.manifest import DocEntry
 from nougat_dist.inputs.sources import Source, pdf_input
 
@@ -86,6 +87,16 @@ def render_page(doc: pypdfium2.PdfDocument, page: int) -> Image.Image:
         p.close()
 
 
+def render_and_predict(doc: pypdfium2.PdfDocument, page: int) -> tuple[Image.Image, float]:
+    """Render 1-based page at nougat's resolution, with its predicted decode length (tokens)."""
+    p = doc[page - 1]
+    try:
+        img = p.render(scale=NOUGAT_DPI / 72).to_pil()
+        return img, predict_page(p, img).tokens
+    finally:
+        p.close()
+
+
 @dataclass
 class PageItem:
     """What a worker hands back for one (document, page)."""
@@ -95,6 +106,7 @@ class PageItem:
     image: torch.Tensor | None
     error: str | None
     elapsed_ms: float = 0.0
+    predicted_tokens: float = 0.0  # ocr/predict.py, for length-aware batching
 
 
 class PageDataset(torch.utils.data.Dataset):
@@ -137,7 +149,7 @@ class PageDataset(torch.utils.data.Dataset):
         except (pypdfium2.PdfiumError, OSError) as e:
             return PageItem(doc, page, None, f"cannot open document: {e}")
         try:
-            img = render_page(pdf, page)
+            img, predicted = render_and_predict(pdf, page)
         except (pypdfium2.PdfiumError, OSError, ValueError) as e:
             return PageItem(doc, page, None, f"page {page} failed to render: {e}")
         try:
@@ -148,7 +160,7 @@ class PageDataset(torch.utils.data.Dataset):
             # nougat's prepare_input returns None for a broken or zero-size image; the stock CLI
             # then drops the page silently.
             return PageItem(doc, page, None, f"page {page}: nougat's prepare_input rejected the image")
-        return PageItem(doc, page, tensor, None, (time.perf_counter() - t0) * 1000)
+        return PageItem(doc, page, tensor, None, (time.perf_counter() - t0) * 1000, predicted)
 
 
 @dataclass
@@ -158,6 +170,7 @@ class Batch:
     ok_index: list[int]  # positions in keys that have an image
     errors: dict[int, str]  # position in keys → render error
     render_ms: list[float]
+    predicted_tokens: list[float] = dataclasses.field(default_factory=list)  # per key
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader's pin-memory thread (pin_memory=True): page-locked images make
@@ -177,6 +190,7 @@ def collate(items: list[PageItem]) -> Batch:
         ok_index=ok,
         errors={i: it.error for i, it in enumerate(items) if it.image is None},
         render_ms=[it.elapsed_ms for it in items],
+        predicted_tokens=[it.predicted_tokens for it in items],
     )
 
 
