@@ -24,11 +24,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     NLTK_DATA=/opt/nltk_data \
     PYTHONPATH=/app
 
-# One apt layer. unrar is RARLAB's non-free tool (Ubuntu multiverse): the only one that reads every
-# RAR (rar5 solid archives included) for rarfile; unar and unrar-free do not.
+# One apt layer. No RAR tool: the unrar2-cffi wheel (requirements.txt) bundles the UnRAR library.
 # libglib2.0-0 is needed by opencv (pulled in by albumentations) even in its headless build.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends unrar libglib2.0-0 ca-certificates \
+    && apt-get install -y --no-install-recommends libglib2.0-0 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 # The base's Python must be the one the pins were measured on.

@@ -1,9 +1,11 @@
 """PDFs inside archives (.rar, .zip, .tar, .tar.gz, .tgz): list members, read one into memory.
 
 Members are never extracted to the filesystem: ZIP and TAR members are read through the standard
-library straight into memory. RAR goes through `rarfile`, which decompresses with a system tool
-(real `unrar`, or Debian's `unar`) streaming to a pipe; the few code paths where rarfile writes a
-temporary archive are pointed at a private temp dir that is always removed.
+library straight into memory. RAR headers are parsed by `rarfile` (pure Python); members are
+decompressed in memory by `unrar2-cffi`, a wheel that bundles RARLAB's UnRAR library, so no system
+package is needed. Without that package rarfile's system tool (`unrar`, or Debian's `unar`) is the
+fallback; the few code paths where rarfile then writes a temporary archive are pointed at a private
+temp dir that is always removed.
 
 Passwords come from the environment variable ``NOUGAT_DIST_ARCHIVE_PASSWORD`` (or
 :func:`set_password`, which also sets it, so DataLoader workers started with any method see it).
@@ -146,15 +148,31 @@ def _tar_names(path: Path) -> list[str]:
         raise ArchiveError(f"damaged or not a TAR archive: {path} ({_one_line(e)})") from e
 
 
+#: The in-process RAR backend: the `unrar2-cffi` wheel bundles RARLAB's UnRAR library, so no system
+#: package is needed and every RAR variant (rar3/rar5, solid, volumes, passwords) decompresses.
+CFFI_BACKEND = "unrar2-cffi"
+
+
+def _cffi_rarfile():  # -> module unrar.cffi.rarfile, or None
+    try:
+        from unrar.cffi import rarfile as cffi_rarfile
+    except ImportError:
+        return None
+    return cffi_rarfile
+
+
 def rar_backend() -> str:
-    """The name of the tool rarfile decompresses with ('unrar', 'unar', ...)."""
+    """The name of what decompresses RAR members: 'unrar2-cffi' when that package is installed,
+    else the system tool rarfile runs ('unrar', 'unar', ...)."""
+    if _cffi_rarfile() is not None:
+        return CFFI_BACKEND
     import rarfile
 
     try:
         setup = rarfile.tool_setup()
     except rarfile.RarCannotExec as e:
-        raise BackendError("no RAR backend tool found: install `unrar` (reads every RAR) or "
-                           "Debian's `unar` (apt-get install unar)") from e
+        raise BackendError(f"no RAR backend found: pip install {CFFI_BACKEND} (bundles the UnRAR "
+                           f"library), or install the system tool `unrar`") from e
     return str(getattr(rarfile, setup.setup["open_cmd"][0]))
 
 
@@ -260,35 +278,67 @@ def _read_tar(path: Path, member: str) -> bytes:
 def _read_rar(path: Path, member: str) -> bytes:
     import rarfile
 
-    with _RAR_LOCK, tempfile.TemporaryDirectory(prefix="nougat-dist-rar-") as tmp:
-        # rarfile writes a temporary copy of the archive for some members (its "hack" path);
-        # keep that inside our temp dir, which is removed whatever happens.
-        saved, rarfile.HACK_TMP_DIR = rarfile.HACK_TMP_DIR, tmp
-        try:
-            return _read_rar_locked(path, member)
-        finally:
-            rarfile.HACK_TMP_DIR = saved
-
-
-def _read_rar_locked(path: Path, member: str) -> bytes:
-    import rarfile
-
     pwd = get_password()
+    # Headers are parsed by rarfile (pure Python: volumes, header encryption, redirections); only
+    # the decompression goes to the backend.
     with _open_rar(path) as rf:
         try:
             info = rf.getinfo(member)
         except rarfile.NoRarEntry as e:
             raise ArchiveError(f"member {member!r} not found in {path}") from e
+        redir = info.file_redir
+        if redir and redir[0] == rarfile.RAR5_XREDIR_FILE_COPY:
+            # A RAR5 deduplicated member is a reference to an earlier one; UnRAR's in-memory read
+            # returns no bytes for it, so read the member it points to.
+            info = rf.getinfo(redir[2])
         encrypted = info.needs_password()
         if encrypted and pwd is None:
             raise ArchivePasswordError(f"RAR member {member!r} in {path} is encrypted: set {PASSWORD_ENV}")
+        if _cffi_rarfile() is not None:
+            return _read_rar_cffi(path, info.filename, member, pwd, encrypted)
+    with _RAR_LOCK, tempfile.TemporaryDirectory(prefix="nougat-dist-rar-") as tmp:
+        # rarfile writes a temporary copy of the archive for some members (its "hack" path);
+        # keep that inside our temp dir, which is removed whatever happens.
+        saved, rarfile.HACK_TMP_DIR = rarfile.HACK_TMP_DIR, tmp
+        try:
+            return _read_rar_tool(path, member, pwd, encrypted)
+        finally:
+            rarfile.HACK_TMP_DIR = saved
+
+
+def _read_rar_cffi(path: Path, name: str, member: str, pwd: str | None, encrypted: bool) -> bytes:
+    cffi_rarfile = _cffi_rarfile()
+    assert cffi_rarfile is not None
+    from unrar.cffi.unrarlib import BadRarFile, BadRarPassword
+
+    try:
+        return cffi_rarfile.RarFile(str(path), pwd=pwd).read(name)
+    except KeyError as e:
+        raise ArchiveError(f"member {member!r} not found in {path} (by the UnRAR library)") from e
+    except BadRarPassword as e:
+        raise ArchivePasswordError(f"cannot decrypt RAR member {member!r} in {path}: wrong password "
+                                   f"or damaged data ({e})") from e
+    except (cffi_rarfile.RarFileError, BadRarFile, UnicodeEncodeError) as e:
+        if encrypted:
+            raise ArchivePasswordError(
+                f"cannot decrypt RAR member {member!r} in {path}: wrong password or damaged data "
+                f"({type(e).__name__}: {e})") from e
+        raise BackendError(f"RAR backend `{CFFI_BACKEND}` could not decompress {member!r} in {path}: "
+                           f"archive damaged ({type(e).__name__}: {e})") from e
+
+
+def _read_rar_tool(path: Path, member: str, pwd: str | None, encrypted: bool) -> bytes:
+    import rarfile
+
+    with _open_rar(path) as rf:
+        info = rf.getinfo(member)
         try:
             return rf.read(info)
         except rarfile.PasswordRequired as e:
             raise ArchivePasswordError(f"RAR member {member!r} in {path} is encrypted: set {PASSWORD_ENV}") from e
         except rarfile.RarCannotExec as e:
-            raise BackendError(f"no RAR backend tool found to decompress {member!r} in {path}: "
-                               f"install `unrar` (or Debian's `unar`)") from e
+            raise BackendError(f"no RAR backend found to decompress {member!r} in {path}: "
+                               f"pip install {CFFI_BACKEND}, or install the system tool `unrar`") from e
         except rarfile.RarWrongPassword as e:
             raise ArchivePasswordError(f"wrong password for RAR member {member!r} in {path}") from e
         except (rarfile.Error, OSError) as e:
@@ -297,9 +347,8 @@ def _read_rar_locked(path: Path, member: str) -> bytes:
                     f"cannot decrypt RAR member {member!r} in {path}: wrong password or damaged "
                     f"data ({type(e).__name__}: {e})") from e
             backend = rar_backend()
-            hint = ("; `unar` cannot read some RAR5 (e.g. solid) archives: the real `unrar` "
-                    "(non-free) reads every RAR — rarfile prefers it when it is on PATH"
-                    if backend != "unrar" else "")
+            hint = ("; `unar` cannot read some RAR5 (e.g. solid) archives: "
+                    f"pip install {CFFI_BACKEND} reads every RAR" if backend != "unrar" else "")
             raise BackendError(f"RAR backend `{backend}` could not decompress {member!r} in {path}: "
                                f"archive damaged or unsupported by this backend "
                                f"({type(e).__name__}: {e}){hint}") from e
