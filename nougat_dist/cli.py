@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     nlog.setup(None, 0)
     record: AttemptRecord | None = None
     rc: int | None = None
+    reason = "error (see the rank log)"
     try:
         info = ndist.init(cfg.device, control_backend=cfg.control_backend)
         nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
@@ -58,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         rc = EXIT_SETUP
         return rc
+    except RuntimeError as e:
+        # A broken collective (a peer node died) reads "Connection closed by peer [addr]".
+        reason = f"error: {(str(e).splitlines() or [type(e).__name__])[0][:300]}"
+        raise
     finally:
         if record is not None:
-            record.end(rc, None if rc is not None else "error (see the rank log)")
+            record.end(rc, None if rc is not None else reason)
         ndist.teardown()
         # A render worker left alive by an unforeseen path would hang the exit (it ignores the
         # SIGTERM multiprocessing's exit handler sends before joining it): the job is over here.

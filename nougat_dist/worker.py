@@ -318,6 +318,10 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
             process(batch)
         writer.commit()
         stats.work_end = time.time()
+    except RuntimeError:
+        # A collective failed: usually a peer node died. Keep what this rank finished.
+        attempts.commit_after_failure(writer)
+        raise
     finally:
         stop.uninstall()
         if bar is not None:

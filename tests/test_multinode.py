@@ -157,3 +157,58 @@ def test_rank0_waits_until_it_sees_every_committed_chunk(tmp_path):
     assert waited > 0.5
     with pytest.raises(SetupError, match="part-r00002-000000.parquet"):
         wait_for_chunks(tmp_path, ["part-r00002-000000.parquet"], timeout_s=0.3, poll_s=0.1)
+
+
+def _chunks(out: Path) -> list[Path]:
+    return [p for p in (out / "pages").glob("part-*.parquet")] if (out / "pages").is_dir() else []
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(600)
+def test_a_node_dies_the_survivor_exits_and_the_same_command_resumes(nodes, tmp_path):
+    corpus = tmp_path / "in"
+    write_sample_pdfs(corpus, n_docs=3, seed=5)
+    write_long_pdf(corpus / "book.pdf", 30, seed=5)
+    args = ["--input", str(corpus), "--test-fake-model", "delay=0.2", "--unit-pages", "2",
+            "--commit-pages", "2", "--commit-seconds", "0.5", "--device", "cpu", "--num-workers", "1"]
+    run_launch([*args, "--output", str(tmp_path / "ref")])
+    reference = rows(tmp_path / "ref")
+    out = tmp_path / "out"
+    job = [*args, "--output", str(out)]
+    head, victim = nodes.nodes
+    logs = [tmp_path / f"kill-{n.hostname}.log" for n in nodes.nodes]
+    procs = [torchrun(n, head, job, run_id="job", log=lg) for n, lg in zip(nodes.nodes, logs)]
+    deadline = time.monotonic() + 180
+    while not _chunks(out):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+            "no commit before the kill\n" + "\n".join(lg.read_text()[-3000:] for lg in logs)
+        time.sleep(0.1)
+    # The whole node at once: its torchrun is the init of the node's PID namespace.
+    os.kill(procs[1].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    procs[1].wait(timeout=30)
+    try:
+        rc = procs[0].wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the surviving node did not exit within 240 s of the node loss\n"
+                    + logs[0].read_text()[-4000:])
+    print(f"survivor exited {rc} after {time.monotonic() - killed:.1f} s")
+    assert rc != 0
+    assert not (out / "stats.json").exists()
+    committed = len(pd.read_parquet(out / "pages"))
+    assert 0 < committed < len(reference), committed
+    survivor_text = logs[0].read_text()
+    rank_logs = "".join(p.read_text() for p in (out / "logs").glob("rank*.log"))
+    assert "the work loop failed" in rank_logs, survivor_text[-3000:]
+    run_job(nodes, job, tmp_path, "job")
+    assert rows(out) == reference
+    s = stats(out)
+    assert s["pages_resumed"] >= committed
+    first, last = s["attempts"]
+    # The dead node wrote nothing; the survivor's record names the lost peer.
+    assert "killed (no exit recorded)" in first["exit"], first
+    # gloo says "Connection closed by peer [addr]" or "Read error [addr]: Connection reset by peer".
+    assert "by peer" in first["exit"] and f"[{victim.addr}]" in first["exit"], first
+    assert last["exit"] == "complete" and s["attempts_total"]["restarts"] == 1
+    assert first["pages"] + last["pages"] == len(reference)
+    assert first["hosts"] == last["hosts"] == sorted(n.hostname for n in nodes.nodes)

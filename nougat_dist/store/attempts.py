@@ -93,6 +93,18 @@ class AttemptRecord:
             log.warning("could not record the end of attempt %s: %s", self.key, e)
 
 
+def commit_after_failure(writer: Any) -> None:
+    """Commit the finished units of a rank whose work loop failed (a collective broke because a
+    peer died, say): each unit is complete, so keeping it is as safe as on a normal commit."""
+    try:
+        path = writer.commit()
+    except OSError as e:
+        log.error("could not commit the finished units after the failure: %s", e)
+        return
+    log.error("the work loop failed%s; run the same command again to resume",
+              f": committed {path.name} with the units this rank finished first" if path else "")
+
+
 def current_attempt() -> str | None:
     """The attempt this process began (None before `AttemptRecord.begin`)."""
     return _current
