@@ -29,6 +29,7 @@ from nougat_dist.sched.steal import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds
                                      apply_steals, plan_steals, stop_requested)
 from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
+from nougat_dist.store import index as committed_index
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.status import STATUS_EVERY_S, STATUS_FILE, write_live_status
@@ -150,6 +151,7 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     my_queue = queues[info.rank]
     state = {"ptr": 0, "claimed_pages": 0}
     page_unit: dict[tuple[int, int], str] = {}
+    skip = plan.skip_set()
 
     def next_unit_pages() -> list[tuple[int, int]] | None:
         if state["ptr"] >= len(my_queue):
@@ -157,9 +159,11 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
         u = units[my_queue[state["ptr"]]]
         state["ptr"] += 1
         key = u.key(docs[u.doc].doc_id)
-        writer.expect(key, u.n_pages)
-        state["claimed_pages"] += u.n_pages
         keys = [(u.doc, p) for p in u.pages()] if u.first else [(u.doc, 0)]
+        if skip:  # pages of this unit an earlier run committed (another --unit-pages)
+            keys = [k for k in keys if k not in skip]
+        writer.expect(key, len(keys))
+        state["claimed_pages"] += len(keys)
         for k in keys:
             page_unit[k] = key
         stats.units += 1
@@ -382,7 +386,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
     if not info.is_main:
         return EXIT_OK
     attempts.wait_for_chunks(out, [name for p in parts for name in p["chunks"]])
-    removed = gather.drop_duplicate_units(out)
+    removed = gather.drop_duplicate_units(out) + committed_index.drop_duplicate_pages(out)
     docs_table = gather.write_documents(out, plan.entries)
     counts = gather.status_counts(out)
     wall = max(p["wall_s"] for p in parts)

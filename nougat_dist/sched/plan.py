@@ -3,10 +3,11 @@ does what, and every other rank receives it as Arrow bytes and integer arrays.""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from nougat_dist.ocr.model import resolve_checkpoint
 from nougat_dist.ocr.nltk_words import ensure_nltk_words
 from nougat_dist.sched.steal import assign
 from nougat_dist.store import index as checkpoint
+from nougat_dist.store import lease as store_lease
 from nougat_dist.store import manifest
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.manifest import DocEntry, DocTable, Units
@@ -62,6 +64,11 @@ class Plan:
     nltk_ok: bool
     total_pages: int
     committed_pages: int = 0
+    #: (doc, page) rows of `todo` units committed already (shape n×2): not to be redone.
+    skip: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+
+    def skip_set(self) -> set[tuple[int, int]]:
+        return set(map(tuple, self.skip.tolist()))
 
 
 @dataclass
@@ -77,21 +84,31 @@ class _PlanMessage:
     nltk_ok: bool
     total_pages: int
     committed_pages: int
+    skip: np.ndarray
 
 
-def _todo_units(out: Path, docs: Sequence[DocEntry], units: Units) -> np.ndarray:
-    """Indices of the units no committed chunk holds yet."""
-    done = checkpoint.committed_units(out)
+def _todo_units(out: Path, docs: Sequence[DocEntry], units: Units) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the units with a page no committed chunk holds yet, and the (doc, page) pairs
+    of those units that are committed already (after a change of --unit-pages a unit can be
+    half done): the worker skips them, so no page is stored twice."""
+    done = checkpoint.committed_pages(out)
     todo = np.ones(len(units), dtype=bool)
+    skip: list[np.ndarray] = []
     if done:
-        pos = {doc_id: i for i, doc_id in enumerate(manifest.doc_ids(docs))}
-        for key in done:
-            doc_id, first, last = manifest.parse_unit_key(key)
-            d = pos.get(doc_id)
-            j = units.find(d, first, last) if d is not None else None
-            if j is not None:
-                todo[j] = False
-    return np.flatnonzero(todo)
+        ends = np.append(units.start[1:], len(units))
+        for d, doc_id in enumerate(manifest.doc_ids(docs)):
+            pages = done.get(doc_id)
+            if pages is None:
+                continue
+            for j in range(int(units.start[d]), int(ends[d])):
+                first, last = int(units.first[j]), int(units.last[j])
+                inside = pages[(pages >= first) & (pages <= last)]
+                if len(inside) == units.n_pages[j]:
+                    todo[j] = False
+                elif len(inside):
+                    skip.append(np.stack([np.full(len(inside), d), inside]).T)
+    pairs = np.concatenate(skip) if skip else np.zeros((0, 2), dtype=np.int64)
+    return np.flatnonzero(todo), pairs.astype(np.int64)
 
 
 def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
@@ -101,6 +118,10 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
     if info.is_main:
         try:
             _check_output_dir(out)
+            if not plan_only:
+                # Before anything else is written: one job per output directory. The lease
+                # goes with the process (a crash leaves it to be taken back or over).
+                atexit.register(store_lease.acquire(OutputDir(out)).release)
             sources = discover(cfg.input)
             if not sources:
                 raise SetupError("the inputs contain no PDF files: " + " ".join(cfg.input))
@@ -161,11 +182,12 @@ def decide_plan(out: Path, entries: Sequence[DocEntry], unit_pages: int, world_s
     """Rank 0: unique documents, units, what is left to do, and each rank's queue."""
     docs = manifest.unique_docs(entries)
     units = manifest.make_units(docs, unit_pages)
-    todo = _todo_units(out, docs, units)
+    todo, skip = _todo_units(out, docs, units)
     weights = units.n_pages[todo]
     queues = [todo[np.asarray(q, dtype=np.int64)].tolist() for q in assign(weights.tolist(), world_size)]
     total = int(units.n_pages.sum())
-    return Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total, total - int(weights.sum()))
+    return Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total,
+                total - int(weights.sum()) + len(skip), skip)
 
 
 def plan_message(plan: Plan) -> _PlanMessage:
@@ -175,7 +197,7 @@ def plan_message(plan: Plan) -> _PlanMessage:
         np.array([len(q) for q in plan.queues], dtype=np.int64),
         np.fromiter((u for q in plan.queues for u in q), dtype=np.int64,
                     count=sum(len(q) for q in plan.queues)),
-        plan.checkpoint, plan.nltk_ok, plan.total_pages, plan.committed_pages)
+        plan.checkpoint, plan.nltk_ok, plan.total_pages, plan.committed_pages, plan.skip)
 
 
 def plan_from_message(msg: _PlanMessage, unit_pages: int) -> Plan:
@@ -185,7 +207,7 @@ def plan_from_message(msg: _PlanMessage, unit_pages: int) -> Plan:
     ends = np.cumsum(msg.queue_lengths)
     queues = [msg.queue_units[end - n:end].tolist() for n, end in zip(msg.queue_lengths, ends)]
     return Plan(None, docs, units, msg.todo, queues, msg.checkpoint, msg.nltk_ok,
-                msg.total_pages, msg.committed_pages)
+                msg.total_pages, msg.committed_pages, msg.skip)
 
 
 def unit_weights(plan: Plan) -> list[int]:

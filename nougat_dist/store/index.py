@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nougat_dist.store.chunks import chunk_units
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nougat_dist.store.chunks import atomic_write_table, chunk_units
 from nougat_dist.store.layout import TMP_PREFIX, OutputDir
 
 log = logging.getLogger(__name__)
@@ -39,3 +43,50 @@ def committed_units(out_dir: Path) -> dict[str, list[Path]]:
         for key in chunk_units(p):
             index.setdefault(key, []).append(p)
     return index
+
+
+def committed_pages(out_dir: Path) -> dict[str, np.ndarray]:
+    """doc_id → sorted unique page numbers with a committed row (0 = the document's error row).
+
+    This, not the unit keys in the chunk footers, is what counts as done: a page committed under
+    any --unit-pages, batch size or world size is never scheduled again.
+    """
+    pages: dict[str, list[np.ndarray]] = {}
+    for p in chunk_paths(out_dir):
+        t = pq.read_table(p, columns=["doc_id", "page"])
+        if not t.num_rows:
+            continue
+        ids = t["doc_id"].combine_chunks().dictionary_encode()
+        codes = ids.indices.to_numpy(zero_copy_only=False)
+        page = t["page"].to_numpy()
+        for code, doc_id in enumerate(ids.dictionary.to_pylist()):
+            pages.setdefault(doc_id, []).append(page[codes == code])
+    return {d: np.unique(np.concatenate(parts)) for d, parts in pages.items()}
+
+
+def drop_duplicate_pages(out_dir: Path) -> int:
+    """Keep each (doc_id, page) in the first chunk that holds it; rewrite later chunks without it.
+
+    Whatever produced a duplicate (a raced steal, a unit size changed between runs, an older
+    release), a page is stored once. Each rewrite is atomic, so a crash midway leaves a state
+    the next finalize completes. Returns rows removed.
+    """
+    seen: set[tuple[str, int]] = set()
+    removed = 0
+    for path in chunk_paths(out_dir):
+        table = pq.read_table(path)
+        keys = list(zip(table["doc_id"].to_pylist(), table["page"].to_pylist()))
+        keep = []
+        for k in keys:
+            keep.append(k not in seen)
+            seen.add(k)
+        n_drop = len(keep) - sum(keep)
+        if not n_drop:
+            continue
+        removed += n_drop
+        if n_drop == len(keep):
+            path.unlink()
+        else:
+            atomic_write_table(table.filter(pa.array(keep)), path, table.schema.metadata)
+        log.info("removed %d duplicate page row(s) from %s", n_drop, path.name)
+    return removed

@@ -1,0 +1,66 @@
+"""Page-granular resume: a page committed under one --unit-pages, batch size or world size is
+reused by a run with others, and never stored twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import run_launch
+from nougat_dist.store import index
+from nougat_dist.store.chunks import PAGES_SCHEMA
+from nougat_dist.store.layout import OutputDir
+from testing.samples import write_long_pdf
+
+FAKE = ["--test-fake-model", "delay=0.01", "--device", "cpu", "--num-workers", "0",
+        "--commit-seconds", "600"]
+
+
+def _pages(out: Path) -> dict:
+    df = pd.read_parquet(out / "pages")
+    keys = list(zip(df.doc_id, df.page))
+    assert len(keys) == len(set(keys)), "duplicate (doc_id, page) rows"
+    return dict(zip(keys, df.text))
+
+
+def test_unit_pages_batch_size_and_world_size_change_mid_job(tmp_path: Path) -> None:
+    write_long_pdf(tmp_path / "in" / "book.pdf", 12)
+    base = ["--input", str(tmp_path / "in"), *FAKE]
+    ref = tmp_path / "ref"
+    run_launch([*base, "--output", str(ref)])
+    out = tmp_path / "out"
+    # 1 rank, units of 3, killed at its second commit: the first unit (pages 1-3) is committed.
+    first = run_launch([*base, "--output", str(out), "--unit-pages", "3", "--commit-pages", "3",
+                        "--batch-size", "2"], check=False, env={"NOUGAT_DIST_FAULT": "commit:2"})
+    assert first.returncode != 0
+    committed = index.committed_pages(out)
+    n_committed = sum(len(v) for v in committed.values())
+    assert 0 < n_committed < 12, f"the kill did not land inside the work: {n_committed} pages"
+    # 2 ranks, units of 2, another batch size: unit 3-4 is half done and only page 4 is redone.
+    run_launch([*base, "--output", str(out), "--unit-pages", "2", "--batch-size", "3"], nproc=2)
+    stats = json.loads(OutputDir(out).stats.read_text())
+    assert stats["pages_this_run"] == 12 - n_committed
+    assert stats["pages_resumed"] == n_committed
+    assert _pages(out) == _pages(ref)
+
+
+def test_finalize_drops_any_duplicate_page(tmp_path: Path) -> None:
+    def chunk(name: str, pages: list[int], text: str) -> None:
+        rows = [{"doc_id": "d", "source": "a.pdf", "member": None, "page": p, "text": f"{text}{p}",
+                 "status": "ok", "error": None, "n_tokens": 1, "elapsed_ms": 1.0, "rank": 0,
+                 "model": "m", "dtype": "bf16"} for p in pages]
+        out.pages.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=PAGES_SCHEMA), out.pages / name)
+
+    out = OutputDir(tmp_path)
+    chunk("part-r00000-000000.parquet", [1, 2, 3], "a")
+    chunk("part-r00001-000000.parquet", [3, 4], "b")  # page 3 again, under another unit key
+    chunk("part-r00001-000001.parquet", [4], "c")  # only a duplicate: the file goes
+    assert index.drop_duplicate_pages(tmp_path) == 2
+    assert _pages(tmp_path) == {("d", 1): "a1", ("d", 2): "a2", ("d", 3): "a3", ("d", 4): "b4"}
+    assert not (out.pages / "part-r00001-000001.parquet").exists()
+    assert index.drop_duplicate_pages(tmp_path) == 0
