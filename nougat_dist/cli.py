@@ -1,5 +1,11 @@
-"""The launcher's entry (`launch.py`, `nougat-dist`). Heavy imports wait until after parsing, so
-`--help` and `--print-config` answer at once and work in an environment without torch."""
+"""The command line: `nougat-dist COMMAND ...` (the console script) and the launcher behind
+`nougat-dist run` / `launch.py`.
+
+`nougat-dist run ...` is the OCR job (under torchrun: `torchrun --no-python nougat-dist run ...`);
+`plan` is `run --plan`; the other commands are the stages of __main__.SUBCOMMANDS plus
+`slurm-script`. Heavy imports wait until after parsing, so `--help` and `--print-config` answer at
+once and work in an environment without torch.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +23,12 @@ EXIT_SETUP = 2
 log = logging.getLogger("nougat_dist")
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg, actions = parse_args(argv)
+PROG = "nougat-dist"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The OCR job (launch.py, `nougat-dist run`): parse the flags and run this rank."""
+    cfg, actions = parse_args(argv, prog=prog)
     if actions.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -73,6 +83,50 @@ def main(argv: list[str] | None = None) -> int:
             child.kill()
             child.join(5)
         gc.freeze()  # what the run allocated is freed by the exit, not by a last full collection
+
+
+def _usage() -> str:
+    from nougat_dist.__main__ import SUBCOMMANDS
+
+    rows = [("run", "OCR PDFs into a Parquet dataset (under torchrun: torchrun --no-python "
+                    "nougat-dist run ...); --help lists every flag"),
+            ("plan", "build the manifest and print documents, pages, the split over ranks and a "
+                     "wall-time estimate, without OCR (run --plan)")]
+    rows += [(name, entry[0]) for name, entry in SUBCOMMANDS.items()]
+    rows.append(("slurm-script", "print the Slurm batch script (nougat-dist slurm-script > ocr.sbatch)"))
+    width = max(len(n) for n, _ in rows)
+    lines = [f"usage: {PROG} COMMAND [ARGS...]   ({PROG} COMMAND --help for each)", "",
+             "Run the unmodified Nougat OCR model over many PDFs on every GPU (or CPU) of a box or "
+             "a Slurm job, resumably, into a Parquet dataset.", "", "commands:"]
+    lines += [f"  {n:<{width}}  {h}" for n, h in rows]
+    return "\n".join(lines) + "\n"
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """`nougat-dist COMMAND ...`, the console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "run":
+        return main(rest, prog=f"{PROG} run")
+    if command == "plan":
+        return main(["--plan", *rest], prog=f"{PROG} plan")
+    if command.startswith("-"):
+        # `nougat-dist --input ... --output ...`, as launch.py takes them: still the job.
+        return main(args, prog=PROG)
+    if command == "slurm-script":
+        from nougat_dist.slurm_script import run_slurm_script
+
+        return run_slurm_script(rest)
+    from nougat_dist.__main__ import SUBCOMMANDS
+    from nougat_dist.__main__ import main as stage_main
+
+    if command in SUBCOMMANDS:
+        return stage_main(args, prog=PROG)
+    print(f"{PROG}: unknown command {command!r}\n\n{_usage()}", end="", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

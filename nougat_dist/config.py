@@ -107,13 +107,22 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for options with values only: an on/off flag's help says what it does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The launcher's argument parser: one flag per Config field."""
     parser = argparse.ArgumentParser(
-        prog="launch.py",
+        prog=prog or "launch.py",
         description="Run the unmodified Nougat OCR model over many PDFs on every GPU (or CPU) of a "
         "torchrun / Slurm job and write a Parquet dataset. Resumable: run the same command again.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file whose keys are flag names "
                         "(e.g. batch-size: 8, no-steal: true); flags given on the command line "
@@ -176,13 +185,14 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+def parse_args(argv: Sequence[str] | None = None,
+               prog: str | None = None) -> tuple[Config, argparse.Namespace]:
     """Parse flags (over an optional YAML --config) into a validated Config.
 
     Precedence: defaults < --config file < command-line flags. Returns the Config and the
     action flags (print_config, plan). Exits with a usage message on error.
     """
-    parser = build_parser()
+    parser = build_parser(prog)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_yaml_values(pre.config, parser))

@@ -130,6 +130,9 @@ def test_pip_install_editable_gives_a_console_script(tmp_path):
                    check=True, capture_output=True)
     proc = subprocess.run([str(venv / "bin" / "nougat-dist"), "--help"], capture_output=True,
                           text=True, check=True)
+    assert "\n  run " in proc.stdout and "\n  status " in proc.stdout, proc.stdout
+    proc = subprocess.run([str(venv / "bin" / "nougat-dist"), "run", "--help"], capture_output=True,
+                          text=True, check=True)
     assert "--input" in proc.stdout and "--plan" in proc.stdout
 
 
