@@ -1,9 +1,15 @@
 # nougat-dist: Meta's unmodified Nougat OCR on every GPU of a box or a Slurm job.
 #
-#   docker build -t nougat-dist .
-#   docker run --gpus all -v /data:/data nougat-dist \
-#       torchrun --nproc_per_node=gpu launch.py --input /data/papers --output /data/out
-#   docker run nougat-dist python launch.py --help
+#   docker build -t nougat-dist .                      # add --build-arg NOUGAT_MODEL=0.1.0-small
+#                                                      # to bake that checkpoint into the image
+#   docker run --gpus all --ipc=host -v /data:/data nougat-dist \
+#       run --input /data/papers --output /data/out    # one GPU
+#   docker run --gpus all --ipc=host -v /data:/data --entrypoint torchrun nougat-dist \
+#       --nproc_per_node=gpu --no-python nougat-dist run --input /data/papers --output /data/out
+#   docker run nougat-dist --help
+#
+# --ipc=host (or a large --shm-size): render workers hand pages to the model through /dev/shm,
+# which Docker caps at 64 MB by default.
 #
 # NOT BUILT HERE: the project's machines have no Docker engine. This file is linted in CI
 # (tests/test_dockerfile.py) and its pins are checked against requirements.txt; the first real
@@ -49,14 +55,24 @@ RUN python -m nltk.downloader -d "$NLTK_DATA" words
 COPY launch.py pyproject.toml README.md ./
 COPY nougat_dist ./nougat_dist
 COPY slurm ./slurm
+# The package itself and its `nougat-dist` console script; --no-deps keeps the pinned stack above.
+RUN python -m pip install --no-deps /app
 
-# Run as a user, not root. Checkpoints downloaded by nougat go to $HOME/.cache (mount it to keep them).
+# Run as a user, not root. Checkpoints go to $HOME/.cache/torch/hub (mount it to keep downloads).
 RUN useradd --create-home --uid 1000 --shell /bin/bash nougat
 USER nougat
 
-# Smoke test: the pinned stack imports and the entry point parses its flags.
-RUN python launch.py --help
+# Optional: a checkpoint baked in through nougat's own downloader, into the torch hub dir where a
+# run with `--model $NOUGAT_MODEL` finds it (the network is needed at build time only).
+ARG NOUGAT_MODEL=""
+RUN if [ -n "$NOUGAT_MODEL" ]; then \
+        python -c "import sys; from nougat.utils.checkpoint import get_checkpoint; print(get_checkpoint(model_tag=sys.argv[1]))" "$NOUGAT_MODEL"; \
+    fi
 
-# launch.py is the entry: `python launch.py ...` for one process, `torchrun ... launch.py ...` for
-# several GPUs (and slurm/ocr.sbatch with PYTHON=python NOUGAT_DIST_DIR=/app inside a container).
-CMD ["python", "launch.py", "--help"]
+# Smoke test: the pinned stack really imports (torch, nougat and the RAR library, not just the
+# flag parser), then the console script answers.
+RUN python -c "import torch, torchvision, transformers, timm, nougat, pypdfium2, pyarrow, unrar.cffi, nougat_dist.worker, nougat_dist.ocr.model" \
+    && nougat-dist --help
+
+ENTRYPOINT ["nougat-dist"]
+CMD ["--help"]
