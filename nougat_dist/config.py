@@ -58,6 +58,8 @@ class Config:
             raise ConfigError(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.control_backend not in ("auto", "gloo"):
             raise ConfigError(f"--control-backend must be auto or gloo, got {self.control_backend!r}")
+        if self.plan_pages_per_s <= 0:
+            raise ConfigError(f"--plan-pages-per-s must be > 0, got {self.plan_pages_per_s}")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -149,6 +151,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_DEFAULTS = Config()
+
 # Flags that act on the run itself, not part of the job's configuration.
 ACTION_FLAGS = ("config", "print_config", "plan")
 
@@ -174,6 +178,9 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name.startswith("no_") and name[3:] in _NEGATED:
             # `no-steal: true` as on the command line; `steal: false` works too
+            if not isinstance(value, bool):
+                parser.error(f"--config {path}: {key}: expected true or false (unquoted), "
+                             f"got {value!r}")
             name, value = name[3:], not value
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=1)
@@ -181,8 +188,35 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
             parser.error(f"--config {path}: unknown key {key!r}{hint}")
         if name == "input" and isinstance(value, str):
             value = [value]
+        problem = _type_problem(name, value)
+        if problem:
+            parser.error(f"--config {path}: {key}: {problem}, got {value!r}")
         out[name] = value
     return out
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    """Why a YAML value does not fit its flag, or None when it does.
+
+    YAML values bypass argparse's `type=` conversion, so they are checked here against the type
+    of the field's default: a quoted "false" for a switch would otherwise be a true string, and
+    2.5 for an int would reach the job.
+    """
+    default = getattr(_DEFAULTS, name)
+    if name == "input":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "expected a path or a list of paths"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "expected true or false (unquoted)"
+    if isinstance(value, bool):  # bool is an int subclass: `batch-size: true` is not 1
+        return f"expected {type(default).__name__ if default is not None else 'a string'}"
+    if isinstance(default, int):
+        return None if isinstance(value, int) else "expected an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) else "expected a number"
+    if default is None or isinstance(default, str):
+        return None if value is None and default is None or isinstance(value, str) else "expected a string"
+    return None
 
 
 def parse_args(argv: Sequence[str] | None = None,

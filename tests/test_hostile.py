@@ -35,3 +35,44 @@ def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
     assert live["state"] == "finished" and live["failures_by_status"] == {"render_error": 1}
     docs = pd.read_parquet(out / "documents.parquet")
     assert "[MISSING_PAGE_FAIL:2]" in docs[docs.source == str(pdfs[0])].text.iloc[0]
+
+
+# --- configuration values that do not fit their flag ---------------------------------------------
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ('full-precision: "false"', "expected true or false"),
+    ("batch-size: 2.5", "expected an integer"),
+    ("batch-size: true", "expected int"),
+    ('render-timeout: "10"', "expected a number"),
+    ("no-steal: 1", "expected true or false"),
+    ("device: 3", "expected a string"),
+    ("input: [1, 2]", "expected a path or a list of paths"),
+])
+def test_yaml_values_are_type_checked_like_flags(tmp_path, capsys, yaml_text, expected):
+    from nougat_dist.config import parse_args
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: in\noutput: out\n{yaml_text}\n" if not yaml_text.startswith("input")
+                   else f"{yaml_text}\noutput: out\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(cfg)])
+    assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_yaml_values_of_the_right_type_are_taken(tmp_path):
+    from nougat_dist.config import parse_args
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("input: in\noutput: out\nfull-precision: true\nbatch-size: 3\n"
+                   "render-timeout: 10\nno-steal: true\ncheckpoint: null\n")
+    c, _ = parse_args(["--config", str(cfg)])
+    assert (c.full_precision, c.batch_size, c.render_timeout, c.steal) == (True, 3, 10, False)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_plan_pages_per_s_must_be_positive(capsys, value):
+    from nougat_dist.config import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--input", "in", "--output", "out", "--plan-pages-per-s", value])
+    assert e.value.code == 2 and "--plan-pages-per-s must be > 0" in capsys.readouterr().err
