@@ -93,6 +93,8 @@ def _usage() -> str:
             ("plan", "build the manifest and print documents, pages, the split over ranks and a "
                      "wall-time estimate, without OCR (run --plan)")]
     rows += [(name, entry[0]) for name, entry in SUBCOMMANDS.items()]
+    rows.append(("fetch-model", "download a checkpoint into a dir for offline nodes (resumes; "
+                                "prints SHA256SUMS): fetch-model 0.1.0-small --to DIR"))
     rows.append(("slurm-script", "print the Slurm batch script (nougat-dist slurm-script > ocr.sbatch)"))
     width = max(len(n) for n, _ in rows)
     lines = [f"usage: {PROG} COMMAND [ARGS...]   ({PROG} COMMAND --help for each)", "",
@@ -116,6 +118,10 @@ def entry(argv: list[str] | None = None) -> int:
     if command.startswith("-"):
         # `nougat-dist --input ... --output ...`, as launch.py takes them: still the job.
         return main(args, prog=PROG)
+    if command == "fetch-model":
+        from nougat_dist.fetch_model import run_fetch_model
+
+        return run_fetch_model(rest)
     if command == "slurm-script":
         from nougat_dist.slurm_script import run_slurm_script
 

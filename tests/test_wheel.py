@@ -67,7 +67,7 @@ def test_wheel_commands_and_a_two_rank_job(installed: Path, sample_pdfs: list[Pa
     exe = str(installed / "nougat-dist")
     top = _run([exe, "--help"], cwd=tmp_path).stdout
     assert top.startswith("usage: nougat-dist COMMAND")
-    for name in ("run", "plan", "status", "clean", "chunk", "upload", "slurm-script"):
+    for name in ("run", "plan", "status", "clean", "chunk", "upload", "fetch-model", "slurm-script"):
         assert f"\n  {name} " in top, name
     run_help = _run([exe, "run", "--help"], cwd=tmp_path).stdout
     assert run_help.startswith("usage: nougat-dist run") and "(default: True)" not in run_help
