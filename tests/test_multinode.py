@@ -32,20 +32,25 @@ def nodes():
 
 
 def torchrun(node: Node, head: Node, args: list[str], *, run_id: str, log: Path,
-             env: dict[str, str] | None = None, nnodes: int = 2) -> subprocess.Popen:
-    """What a user types on each node: the same command, rendezvous on the head's hostname."""
+             env: dict[str, str] | None = None, nnodes: int = 2,
+             rdzv: list[str] | None = None) -> subprocess.Popen:
+    """What a user types on each node: the same command, rendezvous on the head's hostname
+    (or as `rdzv` says)."""
+    rdzv = rdzv or [f"--rdzv-endpoint={head.hostname}:{RDZV_PORT}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-           "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={head.hostname}:{RDZV_PORT}",
+           "--nproc-per-node=1", "--rdzv-backend=c10d", *rdzv,
            f"--rdzv-id={run_id}", "--max-restarts=0", str(ROOT / "launch.py"), *args]
     env = {"NLTK_DATA": os.environ["NLTK_DATA"], "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return node.popen(cmd, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def run_job(nodes: Cluster, args: list[str], tmp: Path, run_id: str, timeout: float = 240,
-            env: dict[str, str] | None = None) -> list[str]:
+            env: dict[str, str] | None = None, rdzv=None) -> list[str]:
+    """The same command on every node; `rdzv(node)` gives a node's rendezvous flags."""
     head = nodes.nodes[0]
     logs = [tmp / f"{run_id}-{n.hostname}.log" for n in nodes.nodes]
-    procs = [torchrun(n, head, args, run_id=run_id, log=lg, env=env) for n, lg in zip(nodes.nodes, logs)]
+    procs = [torchrun(n, head, args, run_id=run_id, log=lg, env=env, rdzv=rdzv(n) if rdzv else None)
+             for n, lg in zip(nodes.nodes, logs)]
     deadline = time.monotonic() + timeout
     for p in procs:
         try:
@@ -97,6 +102,25 @@ def test_stealing_crosses_nodes(nodes, tmp_path):
     assert per_rank[0]["host"] != per_rank[1]["host"]
     assert per_rank[0]["units_stolen"] > 0, per_rank
     assert per_rank[0]["pages"] > per_rank[1]["pages"] > 0, per_rank
+
+
+def test_a_hostname_that_resolves_to_loopback_works_with_the_documented_fix(nodes, tmp_path):
+    """The first node's /etc/hosts says `127.0.1.1 <its name>`. Given the address as endpoint,
+    torchrun then does not see that it should host the rendezvous (it compares the endpoint with
+    its hostname's addresses) and every node times out (measured here: RendezvousConnectionError
+    after ~80 s). The fix slurm/ocr.sbatch applies and slurm/README.md documents: the address,
+    `--rdzv-conf is_host=1` on the first node only, and the interface named for gloo."""
+    head = nodes.nodes[0]
+    nodes.write_hosts(head, self_loopback=True)
+    assert head.run(["getent", "hosts", head.hostname]).stdout.split()[0] == "127.0.1.1"
+    out = tmp_path / "out"
+    run_job(nodes, ["--input", str(write_long_pdf(tmp_path / "b.pdf", 8)), "--output", str(out),
+                    "--device", "cpu", "--unit-pages", "2", "--test-fake-model", "delay=0.05"],
+            tmp_path, "lo", env={"GLOO_SOCKET_IFNAME": "eth0"},
+            rdzv=lambda n: [f"--rdzv-endpoint={head.addr}:{RDZV_PORT}",
+                            f"--rdzv-conf=is_host={int(n is head)}"])
+    assert len(rows(out)) == 8
+    assert {r["host"] for r in stats(out)["per_rank"] if r["pages"]} == {n.hostname for n in nodes.nodes}
 
 
 def _commit(out: Path, rank: int, doc: str, pages: range) -> None:
