@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if actions.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from nougat_dist.log import filter_known_warnings
+
+    filter_known_warnings()  # before the imports below: torch and nougat warn while importing
     from nougat_dist.alloc import keep_freed_memory
 
     keep_freed_memory()  # before torch and nougat load: their allocations count too

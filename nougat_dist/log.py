@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from nougat_dist.store.layout import OutputDir
 
 FORMAT = "%(asctime)s r{rank} %(levelname)s %(name)s: %(message)s"
+
+# Third-party warnings that every run prints and that say nothing about the job: (category,
+# message regex, module regex of the code that warns). Each names one known message from one
+# module, so any other warning, from these modules too, still shows.
+KNOWN_HARMLESS: tuple[tuple[type[Warning], str, str], ...] = (
+    # timm/nougat script small helpers at import; nougat is used unmodified.
+    (FutureWarning, r"`torch\.jit\.script` is deprecated", r"torch\.jit\._script"),
+    # nougat's Swin encoder calls meshgrid without indexing=; the default is the one it needs.
+    (UserWarning, r"torch\.meshgrid: in an upcoming release, it will be required to pass the "
+                  r"indexing argument", r"torch\.functional"),
+    # nougat's repetition check takes the variance of a one-token window on the first steps.
+    (UserWarning, r"var\(\): degrees of freedom is <= 0", r"nougat\.model"),
+)
+
+
+def filter_known_warnings() -> None:
+    """Silence KNOWN_HARMLESS (before torch and nougat are imported: some warn at import)."""
+    for category, message, module in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def setup(out_dir: Path | None, rank: int, level: str = "INFO") -> None:
