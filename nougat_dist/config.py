@@ -38,6 +38,8 @@ class Config:
     commit_seconds: float = 60.0
     rebuild_manifest: bool = False
     plan_pages_per_s: float = 1.0
+    max_member_bytes: int = 512 * 2**20  # = inputs.members.DEFAULT_MAX_MEMBER_BYTES
+    max_page_pixels: int = 40_000_000
     log_level: str = "INFO"
     test_fake_model: str | None = None
 
@@ -60,6 +62,8 @@ class Config:
             raise ConfigError(f"--control-backend must be auto or gloo, got {self.control_backend!r}")
         if self.plan_pages_per_s <= 0:
             raise ConfigError(f"--plan-pages-per-s must be > 0, got {self.plan_pages_per_s}")
+        if self.max_member_bytes < 1 or self.max_page_pixels < 1:
+            raise ConfigError("--max-member-bytes and --max-page-pixels must be >= 1")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -96,6 +100,12 @@ FIELD_HELP: dict[str, str] = {
     "commit_seconds": "Also commit at least this often (seconds), so a crash loses little work.",
     "rebuild_manifest": "Rebuild out/manifest.parquet when the inputs changed since it was written "
     "(otherwise that is an error, so a resumed run never mixes two different input sets).",
+    "max_member_bytes": "Largest archive member read, by the uncompressed size its header declares "
+    "(checked before reading). A larger member becomes an error row. The default (512 MiB) keeps "
+    "the copies a rank and its render workers hold inside a 24 GiB node running 8 ranks.",
+    "max_page_pixels": "Largest page raster rendered at nougat's 96 dpi, in pixels (checked from the "
+    "page size before rendering). A larger page becomes a render_error row instead of taking "
+    "gigabytes; the default (40 million) admits a 2xA0 poster.",
     "plan_pages_per_s": "Pages per second per rank assumed by --plan's wall-time estimate "
     "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
     "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",

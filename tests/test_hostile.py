@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -76,3 +77,74 @@ def test_plan_pages_per_s_must_be_positive(capsys, value):
     with pytest.raises(SystemExit) as e:
         parse_args(["--input", "in", "--output", "out", "--plan-pages-per-s", value])
     assert e.value.code == 2 and "--plan-pages-per-s must be > 0" in capsys.readouterr().err
+
+
+# --- archive members that are not documents, and resource caps -----------------------------------
+
+def test_odd_archive_members_are_listed_and_refused_with_a_reason(tmp_path, sample_pdfs):
+    from nougat_dist.inputs import archives
+    from testing.hostile_inputs import write_odd_member_archives
+
+    paths = write_odd_member_archives(tmp_path, sample_pdfs[0].read_bytes())
+    assert archives.list_members(paths["tar"]) == ["ok.pdf", "link.pdf", "fifo.pdf", "dev.pdf"]
+    assert archives.list_members(paths["zip"]) == ["ok.pdf", "link.pdf", "inner.zip"]
+    for path, member, reason in [(paths["tar"], "link.pdf", "is a link"),
+                                 (paths["tar"], "fifo.pdf", "is a FIFO"),
+                                 (paths["tar"], "dev.pdf", "is a device"),
+                                 (paths["zip"], "link.pdf", "is a symlink"),
+                                 (paths["zip"], "inner.zip", "nested archive")]:
+        with pytest.raises(archives.ArchiveError, match=reason):
+            archives.read_member(path, member)
+        assert archives.read_member(path, "ok.pdf") == sample_pdfs[0].read_bytes()
+
+
+def test_member_above_the_cap_is_refused_by_its_header(tmp_path, monkeypatch):
+    from nougat_dist.inputs import archives, members
+    from testing.hostile_inputs import write_big_member_zip
+
+    z = write_big_member_zip(tmp_path / "big.zip", 3 * 2**20)
+    monkeypatch.setenv(members.MAX_MEMBER_ENV, str(2**20))
+    with pytest.raises(archives.ArchiveError, match="3145728 bytes uncompressed, above "
+                                                    "--max-member-bytes 1048576"):
+        archives.read_member(z, "big.pdf")
+    monkeypatch.setenv(members.MAX_MEMBER_ENV, str(4 * 2**20))
+    assert len(archives.read_member(z, "big.pdf")) == 3 * 2**20
+
+
+def test_caps_and_odd_members_become_error_rows_in_a_run(tmp_path, sample_pdfs):
+    from testing.hostile_inputs import huge_page_pdf, write_big_member_zip, write_odd_member_archives
+
+    inp = tmp_path / "in"
+    write_odd_member_archives(inp, sample_pdfs[0].read_bytes())
+    write_big_member_zip(inp / "big.zip", 3 * 2**20)
+    (inp / "huge.pdf").write_bytes(huge_page_pdf())
+    out = tmp_path / "out"
+    run_launch(["--input", str(inp), "--output", str(out), "--device", "cpu", "--test-fake-model",
+                "delay=0", "--num-workers", "1", "--max-member-bytes", str(2**20)], timeout=240)
+    df = pd.read_parquet(out / "pages")
+    reasons = {(Path(r.source).name, r.member if isinstance(r.member, str) else None):
+               (r.status, r.error if isinstance(r.error, str) else "") for r in df.itertuples()}
+    assert reasons[("big.zip", "big.pdf")][1].endswith("above --max-member-bytes 1048576: not read")
+    status, error = reasons[("huge.pdf", None)]
+    assert status == "render_error" and "26667 x 26667 px raster at 96 dpi, above " \
+        "--max-page-pixels 40000000" in error
+    for archive, member, why in [("odd.tar", "link.pdf", "is a link"),
+                                 ("odd.tar", "fifo.pdf", "is a FIFO"),
+                                 ("odd.tar", "dev.pdf", "is a device"),
+                                 ("odd.zip", "link.pdf", "is a symlink"),
+                                 ("odd.zip", "inner.zip", "nested archive")]:
+        status, error = reasons[(archive, member)]
+        assert status == "error" and why in error, (archive, member, error)
+    ok = df[df.member == "ok.pdf"]
+    # the two ok.pdf members hold the same bytes: one document, OCR'd once
+    assert len(ok) == pypdfium_pages(sample_pdfs[0]) and (ok.status == "ok").all()
+
+
+def pypdfium_pages(path: Path) -> int:
+    import pypdfium2
+
+    doc = pypdfium2.PdfDocument(str(path))
+    try:
+        return len(doc)
+    finally:
+        doc.close()

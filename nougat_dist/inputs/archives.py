@@ -27,6 +27,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from nougat_dist.inputs import members
+
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "NOUGAT_DIST_ARCHIVE_PASSWORD"
@@ -74,6 +76,16 @@ def get_password() -> str | None:
     return os.environ.get(PASSWORD_ENV) or None
 
 
+class RefusedMemberError(ArchiveError):
+    """A member refused by its header: a link, device or nested archive, or above the size cap."""
+
+
+def _check_member(path: Path, member: str, size: int, kind: str | None = None) -> None:
+    problem = members.problem(member, size, kind)
+    if problem:
+        raise RefusedMemberError(f"member {member!r} in {path} {problem}")
+
+
 def archive_kind(path: str | Path) -> str | None:
     """'rar', 'zip' or 'tar' by file name, or None for a file that is not an archive we open."""
     name = str(path).lower()
@@ -113,8 +125,9 @@ def is_safe_member(name: str) -> bool:
 # --- listing -------------------------------------------------------------------------------------
 
 def list_members(path: str | Path, suffixes: tuple[str, ...] = (".pdf",)) -> list[str]:
-    """Names of the regular-file members whose names end in one of suffixes (case-insensitive),
-    in archive order. Unsafe names are listed too, so they become visible error rows.
+    """Names of the members whose names end in one of suffixes (case-insensitive), and of nested
+    archives, in archive order. Unsafe names, links, devices and nested archives are listed too,
+    so that reading them gives visible error rows instead of documents that silently vanish.
 
     Raises ArchiveError when the archive itself cannot be read.
     """
@@ -127,7 +140,7 @@ def list_members(path: str | Path, suffixes: tuple[str, ...] = (".pdf",)) -> lis
         names = _rar_names(Path(path))
     else:
         raise ArchiveError(f"{path}: not an archive type we read ({', '.join(ARCHIVE_SUFFIXES)})")
-    return [n for n in names if n.lower().endswith(tuple(s.lower() for s in suffixes))]
+    return [n for n in names if members.listed(n, suffixes)]
 
 
 def _zip_names(path: Path) -> list[str]:
@@ -141,9 +154,7 @@ def _zip_names(path: Path) -> list[str]:
 def _tar_names(path: Path) -> list[str]:
     try:
         with tarfile.open(path) as tf:
-            # Links are skipped: a symlink member could point anywhere, and its target, if it is a
-            # PDF in the archive, is listed on its own anyway.
-            return [m.name for m in tf.getmembers() if m.isfile()]
+            return [m.name for m in tf.getmembers() if not m.isdir()]
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ArchiveError(f"damaged or not a TAR archive: {path} ({_one_line(e)})") from e
 
@@ -210,7 +221,7 @@ def _rar_names(path: Path) -> list[str]:
             # Without the password rarfile cannot parse encrypted headers and lists nothing;
             # an empty listing would silently drop the archive's documents.
             raise ArchivePasswordError(f"RAR headers are encrypted: set {PASSWORD_ENV} to list {path}")
-        return [i.filename for i in infos if i.is_file()]
+        return [i.filename for i in infos if not i.is_dir()]
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -244,6 +255,7 @@ def _read_zip(path: Path, member: str) -> bytes:
     try:
         with zipfile.ZipFile(path) as zf:
             info = zf.getinfo(member)
+            _check_member(path, member, info.file_size, members.zip_kind(info))
             return zf.read(info, pwd=pwd.encode() if pwd is not None else None)
     except KeyError as e:
         raise ArchiveError(f"member {member!r} not found in {path}") from e
@@ -264,8 +276,7 @@ def _read_tar(path: Path, member: str) -> bytes:
     try:
         with tarfile.open(path) as tf:
             info = tf.getmember(member)
-            if not info.isfile():
-                raise ArchiveError(f"TAR member {member!r} in {path} is not a regular file")
+            _check_member(path, member, info.size, members.tar_kind(info))
             f = tf.extractfile(info)
             assert f is not None  # isfile() members always have a file object
             return f.read()
@@ -291,6 +302,7 @@ def _read_rar(path: Path, member: str) -> bytes:
             # A RAR5 deduplicated member is a reference to an earlier one; UnRAR's in-memory read
             # returns no bytes for it, so read the member it points to.
             info = rf.getinfo(redir[2])
+        _check_member(path, member, info.file_size, "symlink" if info.is_symlink() else None)
         encrypted = info.needs_password()
         if encrypted and pwd is None:
             raise ArchivePasswordError(f"RAR member {member!r} in {path} is encrypted: set {PASSWORD_ENV}")

@@ -35,6 +35,24 @@ from nougat_dist.inputs.sources import Source, pdf_input
 log = logging.getLogger(__name__)
 
 NOUGAT_DPI = 96
+MAX_PIXELS_ENV = "NOUGAT_DIST_MAX_PAGE_PIXELS"
+DEFAULT_MAX_PAGE_PIXELS = 40_000_000
+
+
+def set_max_page_pixels(limit: int) -> None:
+    """Set the page raster cap for this process and its render workers (any start method)."""
+    os.environ[MAX_PIXELS_ENV] = str(int(limit))
+
+
+def check_page_size(p: pypdfium2.PdfPage, page: int) -> None:
+    """Raise ValueError for a page whose 96 dpi raster would exceed the cap, before rendering:
+    pdfium allocates the whole bitmap at once (a 20000 pt square page is 711 million pixels)."""
+    limit = int(os.environ.get(MAX_PIXELS_ENV) or DEFAULT_MAX_PAGE_PIXELS)
+    w_pt, h_pt = p.get_size()
+    w, h = round(w_pt * NOUGAT_DPI / 72), round(h_pt * NOUGAT_DPI / 72)
+    if w * h > limit:
+        raise ValueError(f"page {page} is {w_pt:g} x {h_pt:g} pt, a {w} x {h} px raster at "
+                         f"{NOUGAT_DPI} dpi, above --max-page-pixels {limit}: not rendered")
 
 
 def kept_levels(lo: int, hi: int) -> np.ndarray:
@@ -82,6 +100,7 @@ def render_page(doc: pypdfium2.PdfDocument, page: int) -> Image.Image:
     """Render 1-based page at nougat's resolution."""
     p = doc[page - 1]
     try:
+        check_page_size(p, page)
         return p.render(scale=NOUGAT_DPI / 72).to_pil()
     finally:
         p.close()
@@ -91,6 +110,7 @@ def render_and_predict(doc: pypdfium2.PdfDocument, page: int) -> tuple[Image.Ima
     """Render 1-based page at nougat's resolution, with its predicted decode length (tokens)."""
     p = doc[page - 1]
     try:
+        check_page_size(p, page)
         img = p.render(scale=NOUGAT_DPI / 72).to_pil()
         return img, predict_page(p, img).tokens
     finally:
