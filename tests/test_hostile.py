@@ -148,3 +148,42 @@ def pypdfium_pages(path: Path) -> int:
         return len(doc)
     finally:
         doc.close()
+
+
+# --- input files that are not regular files, and symlinked directories ---------------------------
+
+@pytest.mark.timeout(60)  # a FIFO opened for reading without O_NONBLOCK waits for a writer forever
+def test_fifo_and_device_inputs_become_error_rows_without_hanging(tmp_path, sample_pdfs):
+    import os
+
+    from nougat_dist.inputs.sources import Source, discover
+    from nougat_dist.store.manifest import inspect
+
+    d = tmp_path / "in"
+    d.mkdir()
+    os.mkfifo(d / "pipe.pdf")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{d / 'pipe.pdf'}\n/dev/null\n{sample_pdfs[0]}\n")
+    found = discover([str(listing), str(d), "/dev/zero"])
+    assert found == [Source(str(d / "pipe.pdf")), Source("/dev/null"), Source(str(sample_pdfs[0])),
+                     Source("/dev/zero")]
+    rows = [inspect(s) for s in found]
+    assert "not a regular file (FIFO)" in rows[0].error
+    assert "not a regular file (device)" in rows[1].error and "(device)" in rows[3].error
+    assert rows[2].error is None and rows[2].n_pages > 0
+
+
+def test_symlinked_directories_are_followed_once_through_a_loop(tmp_path, sample_pdfs):
+    import shutil
+
+    from nougat_dist.inputs.sources import discover
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    shutil.copy(sample_pdfs[0], real / "sub" / "a.pdf")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (real / "sub" / "loop").symlink_to(real, target_is_directory=True)  # real/sub/loop -> real
+    found = discover([str(root)])
+    assert [s.source for s in found] == [str(root / "linked" / "sub" / "a.pdf")]

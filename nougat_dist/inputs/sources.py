@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -80,8 +81,21 @@ def _file_sources(path: Path) -> list[Source]:
 
 
 def _walk_dir(root: Path) -> list[Source]:
+    """PDFs and archives under root. Symlinked directories are followed (corpora are often
+    assembled from links), each real directory once, so a link loop ends the descent."""
     found: list[Source] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("not descending into %s again: a symlink loop or a second link to it", dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for f in sorted(filenames):
             if _is_pdf_name(f):
@@ -208,6 +222,8 @@ def discover(inputs: Iterable[str]) -> list[Source]:
                 sources.extend(_read_list_file(p))
             else:
                 sources.extend(_file_sources(p))
+        elif p.exists() and not _GLOB_CHARS & set(raw):
+            sources.append(Source(raw))  # a FIFO or device: an error row says why
         elif _GLOB_CHARS & set(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             if not matches:
@@ -241,8 +257,24 @@ def read_bytes(src: Source) -> bytes:
         path = download.fetch(src.source)
     if src.member is not None:
         return archives.read_member(path, src.member)
-    with open(path, "rb") as f:
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({_kind(mode)}): {path}")
+        os.set_blocking(fd, True)
         return f.read()
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "directory" if stat.S_ISDIR(mode) else "special file"
 
 
 def pdf_input(src: Source) -> str | bytes:
