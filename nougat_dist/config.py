@@ -37,6 +37,8 @@ class Config:
     commit_pages: int = 256
     commit_seconds: float = 60.0
     rebuild_manifest: bool = False
+    retry_failed: bool = False
+    redo_other_model: bool = False
     plan_pages_per_s: float = 1.0
     max_member_bytes: int = 512 * 2**20  # = inputs.members.DEFAULT_MAX_MEMBER_BYTES
     max_page_pixels: int = 40_000_000
@@ -106,6 +108,12 @@ FIELD_HELP: dict[str, str] = {
     "max_page_pixels": "Largest page raster rendered at nougat's 96 dpi, in pixels (checked from the "
     "page size before rendering). A larger page becomes a render_error row instead of taking "
     "gigabytes; the default (40 million) admits a 2xA0 poster.",
+    "retry_failed": "Do again the pages and documents whose rows have status error, render_error "
+    "or fail (after setting a password, fixing a PDF, a download coming back). Their old rows move "
+    "to out/superseded/. Unreadable documents are inspected again first.",
+    "redo_other_model": "Resume an output whose committed pages came from another checkpoint or "
+    "dtype by doing those pages again with this one (their rows move to out/superseded/). Without "
+    "it such a resume is refused, so no document mixes two models.",
     "plan_pages_per_s": "Pages per second per rank assumed by --plan's wall-time estimate "
     "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
     "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",

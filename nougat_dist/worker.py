@@ -435,6 +435,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
     msg = (f"done: {docs_table.num_rows} documents, {plan.total_pages} pages "
            f"({pages_done} this run, {plan.committed_pages} resumed) in {wall:.1f}s → {out}")
     if failed:
-        msg += f"; completed with {failed} failed page(s), see status/error columns"
+        msg += (f"; completed with {failed} failed page(s), see status/error columns "
+                "(--retry-failed does them again)")
     log.info(msg)
     return EXIT_OK

@@ -12,18 +12,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch.distributed as dist
 
 from nougat_dist.config import Config
 from nougat_dist.dist import DistInfo
 from nougat_dist.errors import SetupError
 from nougat_dist.inputs.sources import InputError, discover, prefetch
-from nougat_dist.ocr.model import resolve_checkpoint
+from nougat_dist.ocr.model import checkpoint_name, resolve_checkpoint
 from nougat_dist.ocr.nltk_words import ensure_nltk_words
 from nougat_dist.sched.steal import assign
 from nougat_dist.store import index as checkpoint
 from nougat_dist.store import lease as store_lease
 from nougat_dist.store import manifest
+from nougat_dist.store.finalize import FAILED_STATUSES, status_counts
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.manifest import DocEntry, DocTable, Units
 
@@ -66,6 +69,9 @@ class Plan:
     committed_pages: int = 0
     #: (doc, page) rows of `todo` units committed already (shape n×2): not to be redone.
     skip: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+
+    #: committed rows with a failed status (rank 0 only): what --retry-failed would redo.
+    failed_rows: int = 0
 
     def skip_set(self) -> set[tuple[int, int]]:
         return set(map(tuple, self.skip.tolist()))
@@ -111,6 +117,38 @@ def _todo_units(out: Path, docs: Sequence[DocEntry], units: Units) -> tuple[np.n
     return np.flatnonzero(todo), pairs.astype(np.int64)
 
 
+def run_model_id(cfg: Config, ckpt: str) -> tuple[str, str]:
+    """The (model, dtype) this run writes on its rows."""
+    if cfg.test_fake_model is not None:
+        return "fake", "none"
+    return checkpoint_name(Path(ckpt)), "float32" if cfg.full_precision else "bfloat16"
+
+
+def _reconcile_committed(cfg: Config, out: Path, ckpt: str,
+                         old: DocTable | None) -> DocTable | None:
+    """Rank 0, under the lease: one model per output, and --retry-failed. Returns the manifest."""
+    model, dtype = run_model_id(cfg, ckpt)
+    others = checkpoint.committed_models(out) - {(model, dtype)}
+    if others and not cfg.redo_other_model:
+        named = ", ".join(f"{m} ({d})" for m, d in sorted(others))
+        raise SetupError(
+            f"{out} holds pages OCR'd by {named}; this run uses {model} ({dtype}). A document "
+            "must not mix two models: use the same --checkpoint and precision, another --output, "
+            "or --redo-other-model to do those pages again with this model.")
+    if others:
+        checkpoint.set_aside(out, lambda t: pc.invert(pc.and_(pc.equal(t["model"], model),
+                                                              pc.equal(t["dtype"], dtype))),
+                             "other-model")
+    if cfg.retry_failed:
+        failed = pa.array(FAILED_STATUSES)
+        checkpoint.set_aside(out, lambda t: pc.is_in(t["status"], value_set=failed), "retry-failed")
+        if old is not None:
+            old, fixed = manifest.reinspect_unreadable(old)
+            manifest.write(out, list(old))
+            log.info("--retry-failed: %d unreadable document(s) now read", fixed)
+    return old
+
+
 def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
     out = Path(cfg.output)
     # Rank 0 decides what the job is; failures travel to every rank so nobody hangs in a barrier.
@@ -142,6 +180,8 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
             ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if needs_model else ""
             nltk_ok = ensure_nltk_words() if needs_model else True
             checkpoint.remove_temp_files(out)
+            if not plan_only:
+                old = _reconcile_committed(cfg, out, ckpt, old)
             # The manifest rows stay here: the other ranks get only the unique documents, below.
             entries = old
             head = (sources if old is None else None, ckpt, nltk_ok)
@@ -186,8 +226,9 @@ def decide_plan(out: Path, entries: Sequence[DocEntry], unit_pages: int, world_s
     weights = units.n_pages[todo]
     queues = [todo[np.asarray(q, dtype=np.int64)].tolist() for q in assign(weights.tolist(), world_size)]
     total = int(units.n_pages.sum())
+    failed = sum(n for s, n in status_counts(out).items() if s in FAILED_STATUSES)
     return Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total,
-                total - int(weights.sum()) + len(skip), skip)
+                total - int(weights.sum()) + len(skip), skip, failed)
 
 
 def plan_message(plan: Plan) -> _PlanMessage:
@@ -232,6 +273,8 @@ def format_plan(plan: Plan, world_size: int, pages_per_s: float) -> str:
         f"pages           {plan.total_pages} in total, {plan.committed_pages} already committed, "
         f"{todo} to do in {len(plan.todo)} unit(s)",
         f"unreadable      {len(unreadable)}",
+        f"failed rows     {plan.failed_rows} committed with status error/render_error/fail"
+        + (" (--retry-failed would do them again)" if plan.failed_rows else ""),
     ]
     for e in unreadable[:20]:
         lines.append(f"  {e.source}{'::' + e.member if e.member else ''}: {e.error}")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nougat_dist.store.chunks import atomic_write_table, chunk_units
@@ -90,3 +93,39 @@ def drop_duplicate_pages(out_dir: Path) -> int:
             atomic_write_table(table.filter(pa.array(keep)), path, table.schema.metadata)
         log.info("removed %d duplicate page row(s) from %s", n_drop, path.name)
     return removed
+
+
+def committed_models(out_dir: Path) -> set[tuple[str, str]]:
+    """The (model, dtype) pairs of the committed rows."""
+    found: set[tuple[str, str]] = set()
+    for p in chunk_paths(out_dir):
+        t = pq.read_table(p, columns=["model", "dtype"]).group_by(["model", "dtype"]).aggregate([])
+        found.update(zip(t["model"].to_pylist(), t["dtype"].to_pylist()))
+    return found
+
+
+def set_aside(out_dir: Path, drop: Callable[[pa.Table], pa.Array], reason: str) -> int:
+    """Move the committed rows for which `drop` is true out of pages/ into superseded/.
+
+    They stop counting as done (so they are done again) but are kept, not deleted: a retry or
+    a model change is then reversible by hand. Returns rows moved.
+    """
+    layout = OutputDir(out_dir)
+    moved = 0
+    for path in chunk_paths(out_dir):
+        table = pq.read_table(path)
+        mask = drop(table)
+        n = pc.sum(mask).as_py() or 0
+        if not n:
+            continue
+        aside = layout.superseded / f"{reason}-{int(time.time())}-{path.name}"
+        atomic_write_table(table.filter(mask), aside, table.schema.metadata)
+        if n == table.num_rows:
+            path.unlink()
+        else:
+            atomic_write_table(table.filter(pc.invert(mask)), path, table.schema.metadata)
+        moved += n
+    if moved:
+        log.warning("%s: %d committed row(s) moved to %s and scheduled again", reason, moved,
+                    layout.superseded)
+    return moved

@@ -20,6 +20,7 @@ DOCUMENTS_FILE = "documents.parquet"
 STATUS_FILE = "status.json"
 STATS_FILE = "stats.json"
 LEASE_FILE = "lease.json"
+SUPERSEDED_DIR = "superseded"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class OutputDir:
     def lease(self) -> Path:
         """The single-writer lease (see `nougat_dist.store.lease`)."""
         return self.root / LEASE_FILE
+
+    @property
+    def superseded(self) -> Path:
+        """Rows taken out of pages/ (retried failures, another model's pages), kept for reference."""
+        return self.root / SUPERSEDED_DIR
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"

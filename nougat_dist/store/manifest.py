@@ -316,3 +316,20 @@ class DocTable(Sequence[DocEntry]):
 
     def readable_array(self) -> np.ndarray:
         return self.table.column("error").is_null().to_numpy(zero_copy_only=False).copy()
+
+
+def reinspect_unreadable(entries: "DocTable") -> tuple["DocTable", int]:
+    """Inspect again the documents the manifest records as unreadable (for --retry-failed: a
+    password set, a download back). Returns the updated rows and how many now read."""
+    from nougat_dist.inputs.sources import Source
+
+    rows = list(entries)
+    fixed = 0
+    for i, e in enumerate(rows):
+        if e.error is None:
+            continue
+        again = inspect(Source(e.source, e.member))
+        if again.error is None:
+            fixed += 1
+        rows[i] = again
+    return DocTable(to_table(rows)), fixed
