@@ -1,16 +1,16 @@
-"""One rank's whole job: setup, manifest, assignment, the work loop with stealing, and the end."""
+"""One rank's whole job: setup, the work loop with stealing (`Worker`), and the end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,14 +19,16 @@ from nougat_dist import faults
 from nougat_dist.config import Config
 from nougat_dist.dist import DistInfo, describe, restart_count
 from nougat_dist.ocr.model import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec,
-                                   is_oom, load_model, page_results)
+                                   load_model)
+from nougat_dist.ocr.pages import PageRunner, RankStats, page_row
 from nougat_dist.ocr.nltk_words import _silence_nltk_download
 from nougat_dist.ocr.render import (Batch, EncoderInput, LiveBatchSampler, PageDataset, check_shm,
                                     close_loader, collate, discard_workers, make_loader,
                                     render_isolated, shm_free, shm_needed)
+from nougat_dist.sched.queue import ClaimQueue
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
-from nougat_dist.sched.steal import (FAILURE_FIELDS, ST_DONE_PAGES, StatusRounds, all_finished,
-                                     apply_steals, plan_steals, stop_requested)
+from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, plan_steals,
+                                     stop_requested)
 from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
 from nougat_dist.store import index as committed_index
@@ -71,55 +73,204 @@ class StopFlag:
         self._previous.clear()
 
 
-@dataclass
-class RankStats:
-    rank: int
-    pages: int = 0
-    units: int = 0
-    units_stolen: int = 0
-    busy_s: float = 0.0
-    idle_s: float = 0.0
-    wall_s: float = 0.0
-    failures: dict[str, int] = field(default_factory=dict)
-    oom_retries: int = 0
-    render_recoveries: int = 0
-    rounds: int = 0
-    work_start: float = 0.0  # epoch seconds: comparable across ranks, unlike monotonic clocks
-    work_end: float = 0.0
+class Worker:
+    """One rank's work loop: claim units, render them in DataLoader workers, run the model, commit
+    chunks, and trade status with the other ranks every round (stealing, stopping, finishing).
 
+    Everything it talks to is handed in, so tests drive it with a fake model and in-process rounds.
+    """
 
-class PageRunner:
-    """Inference on one batch with OOM back-off: halve the batch and retry the pieces."""
+    def __init__(self, cfg: Config, plan: Plan, *, rank: int, world_size: int,
+                 load: Callable[[], Any], rounds: Any, writer: ChunkWriter, stop: Any,
+                 encoder_input: EncoderInput, batch_size: int, model_id: str, dtype_name: str,
+                 device: torch.device = torch.device("cpu"), cpu_cores: int | None = None,
+                 bar: Any = None, is_main: bool = False) -> None:
+        self.cfg, self.plan = cfg, plan
+        self.rank, self.world_size = rank, world_size
+        self.rounds, self.writer, self.stop, self.bar = rounds, writer, stop, bar
+        self.batch_size, self.model_id, self.dtype_name = batch_size, model_id, dtype_name
+        self.device, self.cpu_cores, self.is_main = device, cpu_cores, is_main
+        self._load = load
+        self.stats = RankStats(rank=rank)
+        self.queue = ClaimQueue(plan.queues, rank, plan.units, _DocIds(plan.docs),
+                                unit_weights(plan), plan.skip_set())
+        self.dataset = PageDataset(plan.docs, encoder_input)
+        self.sampler = LiveBatchSampler(self._claim, batch_size)
+        self.loader = self._new_loader()
+        self._it: Any = None
+        self.runner: PageRunner | None = None
+        self.threads: CpuThreads | None = None
+        self.status: list[list[int]] = []
+        self.stopped = False
+        self._last_done = 0
+        self._last_status_write = 0.0
 
-    def __init__(self, model: Any, cfg: Config, stats: RankStats) -> None:
-        self.model = model
-        self.cfg = cfg
-        self.stats = stats
-        tok = getattr(getattr(model, "decoder", None), "tokenizer", None)
-        self.pad_token_id = getattr(tok, "pad_token_id", None)
+    def _claim(self) -> list[tuple[int, int]] | None:
+        claim = self.queue.claim()
+        if claim is None:
+            return None
+        self.writer.expect(claim.unit_key, claim.n_pages)
+        self.stats.units += 1
+        return claim.pages
 
-    def infer(self, images: torch.Tensor, pages: list[int]) -> list:
+    def _new_loader(self) -> torch.utils.data.DataLoader:
+        return make_loader(self.dataset, self.sampler, self.cfg.num_workers,
+                           self.cfg.prefetch_factor, pin_memory=self.device.type == "cuda",
+                           timeout=self.cfg.render_timeout * self.batch_size)
+
+    def _close_loader(self) -> None:
+        close_loader(self.loader)
+
+    def run(self) -> bool:
+        """Work until every rank is finished or a stop is requested. Returns True if stopped."""
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.dataset.close)
+            stack.callback(self._close_loader)
+            # The render workers start (fork, and render the first batches) before the model
+            # loads: the pipeline is full when the model is ready, and the workers do not inherit
+            # the model. No collective is in flight here: a fork copies whatever locks a
+            # background thread holds.
+            self._it = iter(self.loader)
+            model = self._load()
+            if self.cpu_cores is not None:
+                self.threads = CpuThreads(self.cpu_cores)
+            self.runner = PageRunner(model, self.cfg.markdown, self.cfg.skipping, self.stats)
+            self.stats.work_start = time.time()
+            self.rounds.post(self._vector())
+            committed_on_stop = False
+            while True:
+                if self.stop.requested and not committed_on_stop:
+                    # Commit what is done before waiting on the other ranks: under torchrun a stop
+                    # usually means a peer has died, and then the next round never completes
+                    # (gloo notices a dead peer only at its timeout) and this rank is killed in
+                    # the wait.
+                    self.writer.commit()
+                    committed_on_stop = True
+                idle = self._it is None and self.queue.exhausted
+                if idle or self.rounds.ready():
+                    if self._sync_round(idle):
+                        break
+                    if idle and self.queue.exhausted:
+                        continue  # still nothing to do: wait for the next round
+                batch = self._next_batch()
+                if batch is not None:
+                    self._process(batch)
+            self.writer.commit()
+            self.stats.work_end = time.time()
+        self.stats.rounds = self.rounds.rounds
+        return self.stopped
+
+    def _vector(self) -> list[int]:
+        stats = self.stats
+        # Throughput over the time this rank had work, render waits included: that is what
+        # predicts when its queue will be done.
+        active = time.time() - stats.work_start - stats.idle_s
+        rate = int(1000 * stats.pages / active) if stats.pages and active > 0 else 0
+        return self.queue.status(stats.pages, rate, self.stop.requested, self.batch_size,
+                                 stats.failures).encode()
+
+    def _sync_round(self, idle: bool) -> bool:
+        """Apply the posted round and post the next. Returns True when the loop must end."""
+        t_wait = time.monotonic()
+        self.status = status = self.rounds.collect()
+        if idle:
+            self.stats.idle_s += time.monotonic() - t_wait
+        done = sum(row[ST_DONE_PAGES] for row in status)
+        if self.bar is not None:
+            self.bar.update(done - self._last_done)
+        self._last_done = done
+        if self.is_main and time.monotonic() - self._last_status_write >= STATUS_EVERY_S:
+            write_live_status(Path(self.cfg.output), self.plan, status, self.stats.work_start,
+                              "running")
+            self._last_status_write = time.monotonic()
+        if all_finished(status):
+            return True
+        if stop_requested(status):
+            self.stopped = True
+            return True
+        if self.cfg.steal and self.world_size > 1:
+            steals = plan_steals(self.queue.queues, status, self.queue.weights)
+            taken = self.queue.apply_steals(steals)
+            if taken:
+                self.stats.units_stolen += taken
+                log.debug("took %d unit(s) from other ranks", taken)
+        self.rounds.post(self._vector())
+        return False
+
+    def _next_batch(self) -> Batch | None:
+        """The next rendered batch, or None (queue drained for now, or the workers were replaced)."""
+        if self._it is None:
+            self._it = iter(self.loader)
         try:
-            with torch.inference_mode():
-                out = self.model.inference(image_tensors=images, early_stopping=self.cfg.skipping)
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_oom(e) or len(images) == 1:
-                raise
-            self.stats.oom_retries += 1
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(images) // 2
-            log.warning("out of memory on a batch of %d pages: retrying as %d + %d",
-                        len(images), half, len(images) - half)
-            return self.infer(images[:half], pages[:half]) + self.infer(images[half:], pages[half:])
-        return page_results(out, pages, markdown=self.cfg.markdown, skipping=self.cfg.skipping,
-                            pad_token_id=self.pad_token_id)
+            batch = next(self._it, None)
+        except RuntimeError as e:
+            self._recover_render(e)
+            return None
+        if batch is None:
+            self._it = None
+        return batch
+
+    def _recover_render(self, e: RuntimeError) -> None:
+        # A render worker died or a batch took longer than the render timeout (a hostile PDF can
+        # hang or crash pdfium). Drop the workers and redo every claimed page one at a time, each
+        # in a process of its own: only the guilty page is lost.
+        pending = self.queue.in_flight()
+        log.warning("render workers failed (%s); isolating the %d claimed page(s)",
+                    str(e).splitlines()[0], len(pending))
+        discard_workers(self._it)
+        self._it = None
+        self.loader = self._new_loader()
+        self.stats.render_recoveries += 1
+        for i in range(0, len(pending), self.batch_size):
+            items = [render_isolated(self.dataset, k, self.cfg.render_timeout)
+                     for k in pending[i:i + self.batch_size]]
+            self._process(collate(items))
+
+    def _process(self, batch: Batch) -> None:
+        """Run the model on a batch's rendered pages and hand every page's row to the writer."""
+        assert self.runner is not None
+        t0 = time.monotonic()
+        results = {}
+        if batch.images is not None:
+            imgs = batch.images.to(self.device, non_blocking=True)
+            pages = [batch.keys[i][1] for i in batch.ok_index]
+            results = dict(zip(batch.ok_index, self.runner.infer(imgs, pages)))
+        per_page_ms = (time.monotonic() - t0) * 1000 / max(len(batch.ok_index), 1)
+        if self.threads is not None and batch.ok_index:
+            render_ms = sum(batch.render_ms[i] for i in batch.ok_index) / len(batch.ok_index)
+            self.threads.observe(render_ms, per_page_ms)
+        stats = self.stats
+        for i, key in enumerate(batch.keys):
+            d, page = key
+            result = results.get(i)
+            model_ms = per_page_ms if result is not None else 0.0
+            row = page_row(self.plan.docs[d], page, rank=self.rank, model_id=self.model_id,
+                           dtype=self.dtype_name, result=result, error=batch.errors.get(i),
+                           elapsed_ms=batch.render_ms[i] + model_ms)
+            if row["status"] != "ok":
+                stats.failures[row["status"]] = stats.failures.get(row["status"], 0) + 1
+            self.writer.add(self.queue.finish(key), row)
+        stats.pages += len(batch.keys)
+        stats.busy_s += time.monotonic() - t0
+        self.writer.maybe_commit()
+
+
+class _DocIds(Sequence[str]):
+    """doc_id by document index, read lazily (the plan's documents may be a DocTable)."""
+
+    def __init__(self, docs: Sequence[Any]) -> None:
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.docs[i].doc_id
 
 
 def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     """Run this rank's part of the job. Returns the process exit code."""
     t_start = time.monotonic()
-    out = Path(cfg.output)
     faults.configure(info.rank)
     plan = _build_plan(cfg, info, plan_only)
     if plan_only:
@@ -133,209 +284,49 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     if fake:
         input_size, align = [448, 224], False
         model_id, dtype_name = "fake", "none"
+        load: Callable[[], Any] = lambda: FakeModel(cfg.test_fake_model or "", info.rank)
     else:
         ckpt = Path(plan.checkpoint)
         input_size, align = encoder_input_spec(ckpt)
         model_id = checkpoint_name(ckpt)
         dtype_name = "float32" if cfg.full_precision else "bfloat16"
+        load = lambda: load_model(ckpt, info.device, cfg.full_precision)
 
     batch_size = cfg.batch_size or _auto_batch_size(info.device)
     log.info("%s; dtype %s, batch size %d, %d render worker(s) x prefetch %d, checkpoint %s",
              describe(info), dtype_name, batch_size, cfg.num_workers, cfg.prefetch_factor, model_id)
     check_shm(shm_needed(input_size, batch_size, cfg.num_workers, cfg.prefetch_factor,
                          info.local_world_size), shm_free(), cfg.num_workers, cfg.prefetch_factor)
-    stats = RankStats(rank=info.rank)
-    writer = ChunkWriter(out, info.rank, cfg.commit_pages, cfg.commit_seconds)
-    docs, units, queues = plan.docs, plan.units, plan.queues
-    weight_list = unit_weights(plan)
-    my_queue = queues[info.rank]
-    state = {"ptr": 0, "claimed_pages": 0}
-    page_unit: dict[tuple[int, int], str] = {}
-    skip = plan.skip_set()
-
-    def next_unit_pages() -> list[tuple[int, int]] | None:
-        if state["ptr"] >= len(my_queue):
-            return None
-        u = units[my_queue[state["ptr"]]]
-        state["ptr"] += 1
-        key = u.key(docs[u.doc].doc_id)
-        keys = [(u.doc, p) for p in u.pages()] if u.first else [(u.doc, 0)]
-        if skip:  # pages of this unit an earlier run committed (another --unit-pages)
-            keys = [k for k in keys if k not in skip]
-        writer.expect(key, len(keys))
-        state["claimed_pages"] += len(keys)
-        for k in keys:
-            page_unit[k] = key
-        stats.units += 1
-        return keys
-
-    dataset = PageDataset(docs, EncoderInput(input_size, align))
-    sampler = LiveBatchSampler(next_unit_pages, batch_size)
-
-    def new_loader() -> torch.utils.data.DataLoader:
-        return make_loader(dataset, sampler, cfg.num_workers, cfg.prefetch_factor,
-                           pin_memory=info.device.type == "cuda",
-                           timeout=cfg.render_timeout * batch_size)
-
-    # The render workers start (fork, and render the first batches) before the model loads:
-    # the pipeline is full when the model is ready, and the workers do not inherit the model.
-    # No collective is in flight here: a fork copies whatever locks a background thread holds.
-    loader = new_loader()
-    it: Any = iter(loader)
-    try:
-        model: Any = (FakeModel(cfg.test_fake_model, info.rank) if fake
-                      else load_model(ckpt, info.device, cfg.full_precision))
-    except BaseException:
-        discard_workers(it)
-        dataset.close()
-        raise
-    threads = None
-    if info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and not fake:
+    cpu_cores = None
+    if (info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and not fake
+            and cfg.num_workers > 0):
         # The render workers share the cores with the model; CpuThreads divides them from the
         # first batches' costs. An explicit OMP_NUM_THREADS (torchrun sets 1) is left alone.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = CpuThreads(cores) if cfg.num_workers > 0 else None
-    runner = PageRunner(model, cfg, stats)
-    rounds = StatusRounds(info.world_size, info.control_group, info.comm_device)
-    bar = _progress_bar(info, plan)
-
-    def vector() -> list[int]:
-        finished = state["ptr"] >= len(my_queue) and stats.pages == state["claimed_pages"]
-        # Throughput over the time this rank had work, render waits included: that is what
-        # predicts when its queue will be done.
-        active = time.time() - stats.work_start - stats.idle_s
-        rate = int(1000 * stats.pages / active) if stats.pages and active > 0 else 0
-        # Units this rank may claim before it applies the round it is posting (about one batch:
-        # a round completes when the slowest rank posts after its batch); thieves leave them
-        # alone so a steal rarely races a claim, and a race that does happen only costs a
-        # duplicate unit, dropped at gather.
-        reserve, pages_ahead, i = 0, 0, state["ptr"]
-        while i < len(my_queue) and pages_ahead < batch_size:
-            pages_ahead += weight_list[my_queue[i]]
-            reserve += 1
-            i += 1
-        inflight = state["claimed_pages"] - stats.pages
-        failures = [stats.failures.get(name, 0) for name in FAILURE_FIELDS]
-        return [stats.pages, state["ptr"], int(finished), rate, int(stop.requested), reserve, inflight,
-                *failures]
-
-    def process(batch: Batch) -> None:
-        t0 = time.monotonic()
-        results = {}
-        if batch.images is not None:
-            imgs = batch.images.to(info.device, non_blocking=True)
-            pages = [batch.keys[i][1] for i in batch.ok_index]
-            for i, r in zip(batch.ok_index, runner.infer(imgs, pages)):
-                results[i] = r
-        per_page_ms = (time.monotonic() - t0) * 1000 / max(len(batch.ok_index), 1)
-        if threads is not None and batch.ok_index:
-            threads.observe(sum(batch.render_ms[i] for i in batch.ok_index) / len(batch.ok_index),
-                            per_page_ms)
-        for i, (d, page) in enumerate(batch.keys):
-            e = docs[d]
-            row = {"doc_id": e.doc_id, "source": e.source, "member": e.member, "page": page,
-                   "rank": info.rank, "model": model_id, "dtype": dtype_name}
-            if i in results:
-                r = results[i]
-                row.update(text=r.text, status=r.status, error=None, n_tokens=r.n_tokens,
-                           elapsed_ms=per_page_ms + batch.render_ms[i])
-            else:
-                status = "error" if page == 0 else "render_error"
-                row.update(text="", status=status, error=batch.errors[i], n_tokens=None,
-                           elapsed_ms=batch.render_ms[i])
-            if row["status"] != "ok":
-                stats.failures[row["status"]] = stats.failures.get(row["status"], 0) + 1
-            writer.add(page_unit.pop((d, page)), row)
-        stats.pages += len(batch.keys)
-        stats.busy_s += time.monotonic() - t0
-        writer.maybe_commit()
-
-    last_done = 0
-    last_status_write = 0.0
-    status: list[list[int]] = []
-    stopped = False
+        cpu_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    writer = ChunkWriter(Path(cfg.output), info.rank, cfg.commit_pages, cfg.commit_seconds)
     stop = StopFlag()
-    stop.install()
-    stats.work_start = time.time()
-    try:
-        rounds.post(vector())
-        committed_on_stop = False
-        while True:
-            if stop.requested and not committed_on_stop:
-                # Commit what is done before waiting on the other ranks: under torchrun a stop
-                # usually means a peer has died, and then the next round never completes (gloo
-                # notices a dead peer only at its timeout) and this rank is killed in the wait.
-                writer.commit()
-                committed_on_stop = True
-            idle = it is None and state["ptr"] >= len(my_queue)
-            if idle or rounds.ready():
-                t_wait = time.monotonic()
-                status = rounds.collect()
-                if idle:
-                    stats.idle_s += time.monotonic() - t_wait
-                done = sum(row[ST_DONE_PAGES] for row in status)
-                if bar is not None:
-                    bar.update(done - last_done)
-                last_done = done
-                if info.is_main and time.monotonic() - last_status_write >= STATUS_EVERY_S:
-                    write_live_status(out, plan, status, stats.work_start, "running")
-                    last_status_write = time.monotonic()
-                if all_finished(status):
-                    break
-                if stop_requested(status):
-                    stopped = True
-                    break
-                if cfg.steal and info.world_size > 1:
-                    steals = plan_steals(queues, status, weight_list)
-                    apply_steals(queues, steals)
-                    for s in steals:
-                        if s.thief == info.rank:
-                            stats.units_stolen += len(s.units)
-                            log.debug("took %d unit(s) from rank %d", len(s.units), s.victim)
-                    state["ptr"] = min(state["ptr"], len(my_queue))
-                rounds.post(vector())
-                if idle and state["ptr"] >= len(my_queue):
-                    continue  # still nothing to do: wait for the next round
-            if it is None:
-                it = iter(loader)
-            try:
-                batch = next(it, None)
-            except RuntimeError as e:
-                # A render worker died or a batch took longer than the render timeout (a hostile
-                # PDF can hang or crash pdfium). Drop the workers and redo every claimed page
-                # one at a time, each in a process of its own: only the guilty page is lost.
-                log.warning("render workers failed (%s); isolating the %d claimed page(s)",
-                            str(e).splitlines()[0], len(page_unit))
-                discard_workers(it)
-                it = None
-                loader = new_loader()
-                stats.render_recoveries += 1
-                pending = sorted(page_unit)
-                for i in range(0, len(pending), batch_size):
-                    items = [render_isolated(dataset, k, cfg.render_timeout)
-                             for k in pending[i:i + batch_size]]
-                    process(collate(items))
-                continue
-            if batch is None:
-                it = None
-                continue
-            process(batch)
-        writer.commit()
-        stats.work_end = time.time()
-    except RuntimeError:
-        # A collective failed: usually a peer node died. Keep what this rank finished.
-        attempts.commit_after_failure(writer)
-        raise
-    finally:
-        stop.uninstall()
+    with contextlib.ExitStack() as stack:
+        bar = _progress_bar(info, plan)
         if bar is not None:
-            bar.close()
-        close_loader(loader)
-        dataset.close()
-    stats.rounds = rounds.rounds
+            stack.callback(bar.close)
+        stop.install()
+        stack.callback(stop.uninstall)
+        worker = Worker(cfg, plan, rank=info.rank, world_size=info.world_size, load=load,
+                        rounds=StatusRounds(info.world_size, info.control_group, info.comm_device),
+                        writer=writer, stop=stop, encoder_input=EncoderInput(input_size, align),
+                        batch_size=batch_size, model_id=model_id, dtype_name=dtype_name,
+                        device=info.device, cpu_cores=cpu_cores, bar=bar, is_main=info.is_main)
+        try:
+            stopped = worker.run()
+        except RuntimeError:
+            # A collective failed: usually a peer node died. Keep what this rank finished.
+            attempts.commit_after_failure(writer)
+            raise
+    stats = worker.stats
     stats.wall_s = time.monotonic() - t_start
-    if info.is_main and status:
-        write_live_status(out, plan, status, stats.work_start, "stopped" if stopped else "gathering")
+    if info.is_main and worker.status:
+        write_live_status(Path(cfg.output), plan, worker.status, stats.work_start,
+                          "stopped" if stopped else "gathering")
     if stopped:
         log.warning("stopped on request after committing %d page(s) this run (%d unit(s) in "
                     "flight are redone on resume); run the same command again to resume",

@@ -12,12 +12,21 @@ from typing import Sequence
 
 import torch
 
-# Fields of the int64 status vector each rank posts in a round (80 bytes; all_gather moves
-# 80 x world_size). The last three count this rank's failed pages by status, for status.json.
-(ST_DONE_PAGES, ST_CLAIMED, ST_FINISHED, ST_RATE_MILLI, ST_STOP, ST_RESERVE, ST_INFLIGHT,
- ST_FAIL, ST_RENDER_ERROR, ST_ERROR) = range(10)
-STATUS_LEN = 10
-FAILURE_FIELDS = {"fail": ST_FAIL, "render_error": ST_RENDER_ERROR, "error": ST_ERROR}
+from nougat_dist.sched.queue import FAILURE_STATUSES, STATUS_LEN, RankStatus, apply_steals  # noqa: F401
+
+# Positions in the int64 status vector each rank posts in a round (80 bytes; all_gather moves
+# 80 x world_size), for readers of gathered rows; the fields are RankStatus's, in its order.
+ST_DONE_PAGES = RankStatus.index("done_pages")
+ST_CLAIMED = RankStatus.index("claimed")
+ST_FINISHED = RankStatus.index("finished")
+ST_RATE_MILLI = RankStatus.index("rate_milli")
+ST_STOP = RankStatus.index("stop")
+ST_RESERVE = RankStatus.index("reserve")
+ST_INFLIGHT = RankStatus.index("inflight")
+ST_FAIL = RankStatus.index("fail")
+ST_RENDER_ERROR = RankStatus.index("render_error")
+ST_ERROR = RankStatus.index("error")
+FAILURE_FIELDS = {name: RankStatus.index(name) for name in FAILURE_STATUSES}
 
 
 def assign(weights: Sequence[int], world_size: int) -> list[list[int]]:
@@ -49,18 +58,18 @@ def plan_steals(queues: Sequence[Sequence[int]], status: Sequence[Sequence[int]]
     rate). Each takes units from the tail of the queue of the rank with the most time left, as many
     as equalise the two finishing times at their rates — so a fast rank pulls work early, before
     it runs dry, and a slow rank never pulls work a faster one would finish sooner. The victim keeps
-    the units it may claim before this round is applied (ST_RESERVE, posted by itself; at least one).
+    the units it may claim before this round is applied (`reserve`, posted by itself; at least one).
     """
     world = len(queues)
-    remaining = [list(queues[r][status[r][ST_CLAIMED]:]) for r in range(world)]
-    rate = [status[r][ST_RATE_MILLI] if status[r][ST_RATE_MILLI] > 0 else default_rate_milli
-            for r in range(world)]
-    keep = [max(status[r][ST_RESERVE], 1) for r in range(world)]
+    st = [RankStatus.decode(row) for row in status]
+    remaining = [list(queues[r][st[r].claimed:]) for r in range(world)]
+    rate = [st[r].rate_milli if st[r].rate_milli > 0 else default_rate_milli for r in range(world)]
+    keep = [max(st[r].reserve, 1) for r in range(world)]
 
     # Pages left per rank, kept up to date as units move: re-summing queues on every comparison
     # cost 16.6 s per round for 1.8 M units on 64 ranks, against ~1 s this way.
     # Claimed-but-unfinished pages count toward a rank's time left, though they cannot move.
-    left = [sum(weights[u] for u in remaining[r]) + status[r][ST_INFLIGHT] for r in range(world)]
+    left = [sum(weights[u] for u in remaining[r]) + st[r].inflight for r in range(world)]
 
     def pages(r: int) -> int:
         return left[r]
@@ -97,20 +106,8 @@ def plan_steals(queues: Sequence[Sequence[int]], status: Sequence[Sequence[int]]
     return steals
 
 
-def apply_steals(queues: list[list[int]], steals: Sequence[Steal]) -> None:
-    """Move stolen units; identical on every rank, so the queue views stay in agreement.
-
-    A thief's stolen units go after its own unclaimed ones, which by construction is where
-    plan_steals counted them.
-    """
-    for s in steals:
-        n = len(s.units)
-        assert tuple(queues[s.victim][-n:]) == s.units, "queue views diverged between ranks"
-        del queues[s.victim][-n:]
-        queues[s.thief].extend(s.units)
-
-
 def all_finished(status: Sequence[Sequence[int]]) -> bool:
+    """Every rank has processed all it claimed and has nothing left to claim."""
     return all(row[ST_FINISHED] for row in status)
 
 

@@ -1,0 +1,197 @@
+"""The work loop driven in process: a fake model, in-process status rounds, no torchrun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from nougat_dist.config import Config
+from nougat_dist.inputs.sources import discover
+from nougat_dist.ocr.model import FakeModel
+from nougat_dist.ocr.render import EncoderInput
+from nougat_dist.sched.plan import Plan, decide_plan, unit_weights
+from nougat_dist.sched.queue import ClaimQueue, RankStatus
+from nougat_dist.sched.steal import plan_steals
+from nougat_dist.store import manifest
+from nougat_dist.store.chunks import PAGES_DIR, ChunkWriter, chunk_units
+from nougat_dist.worker import Worker
+
+
+class OneRankRounds:
+    """StatusRounds' contract (post, ready, collect, rounds) for a job of one rank."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.history: list[list[RankStatus]] = []
+        self._posted: list[int] | None = None
+
+    def post(self, vector: list[int]) -> None:
+        assert self._posted is None, "posted twice without collecting"
+        self._posted = list(vector)
+
+    def ready(self) -> bool:
+        return True
+
+    def peers(self, rows: list[list[int]]) -> list[list[int]]:
+        return rows
+
+    def collect(self) -> list[list[int]]:
+        assert self._posted is not None, "collected without posting"
+        rows = self.peers([self._posted])
+        self._posted = None
+        self.rounds += 1
+        self.history.append([RankStatus.decode(r) for r in rows])
+        return rows
+
+
+class SlowPeerRounds(OneRankRounds):
+    """Rounds of a two-rank job whose rank 1 is simulated here: it processes one unit per round
+    at a tenth of a page per second, and applies the same steals from the same gathered rows."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.peer = ClaimQueue(plan.queues, 1, plan.units, [d.doc_id for d in plan.docs],
+                               unit_weights(plan))
+        self.done = 0
+        self.claimed_units: list[str] = []
+
+    def peers(self, rows: list[list[int]]) -> list[list[int]]:
+        rows = rows + [self.peer.status(self.done, 100, False, 1, {}).encode()]
+        self.peer.apply_steals(plan_steals(self.peer.queues, rows, self.peer.weights))
+        claim = self.peer.claim()
+        if claim is not None:
+            self.claimed_units.append(claim.unit_key)
+            for page in claim.pages:
+                self.peer.finish(page)
+            self.done += claim.n_pages
+        return rows
+
+
+class NoStop:
+    requested = False
+
+
+def make_plan(pdfs: list[Path], out: Path, world_size: int, unit_pages: int) -> Plan:
+    out.mkdir(parents=True, exist_ok=True)
+    sources = discover([str(p) for p in pdfs])
+    entries = manifest.write(out, [e for _, e in manifest.build_entries(sources, 0, 1)])
+    return decide_plan(out, entries, unit_pages, world_size)
+
+
+def make_worker(plan: Plan, out: Path, rank: int, rounds: object, *, delay: float = 0.0,
+                stop: object = NoStop(), num_workers: int = 0, batch_size: int = 2,
+                commit_pages: int = 1, model: object | None = None) -> Worker:
+    cfg = Config(input=["x"], output=str(out), num_workers=num_workers, batch_size=batch_size,
+                 commit_pages=commit_pages, render_timeout=20, test_fake_model="delay=0")
+    writer = ChunkWriter(out, rank, commit_pages, commit_seconds=3600)
+    m = model if model is not None else FakeModel(f"delay={delay}", rank)
+    return Worker(cfg, plan, rank=rank, world_size=len(plan.queues), load=lambda: m,
+                  rounds=rounds, writer=writer, stop=stop,
+                  encoder_input=EncoderInput([448, 224], False), batch_size=batch_size,
+                  model_id="fake", dtype_name="none")
+
+
+def committed(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted((out / PAGES_DIR).glob("*.parquet")):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def all_pages(plan: Plan) -> set[tuple[str, int]]:
+    return {(plan.docs[u.doc].doc_id, p) for u in plan.units for p in u.pages()}
+
+
+def check_chunks_hold_whole_units(out: Path) -> None:
+    """Each chunk's rows are exactly the pages of the units its footer names, each unit's rows
+    together and in page order."""
+    for path in (out / PAGES_DIR).glob("*.parquet"):
+        rows = [(r["doc_id"], r["page"]) for r in pq.read_table(path).to_pylist()]
+        expected = []
+        for key in chunk_units(path):
+            doc_id, first, last = manifest.parse_unit_key(key)
+            expected.extend((doc_id, p) for p in range(first, last + 1))
+        assert rows == expected, path
+
+
+def test_one_rank_commits_every_page_once_in_whole_units(sample_pdfs, tmp_path):
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
+    w = make_worker(plan, out, 0, OneRankRounds())
+    assert w.run() is False
+    rows = committed(out)
+    assert sorted((r["doc_id"], r["page"]) for r in rows) == sorted(all_pages(plan))
+    assert {r["status"] for r in rows} == {"ok"}
+    check_chunks_hold_whole_units(out)
+    assert w.stats.pages == len(rows) and w.stats.units == len(plan.units)
+    final = w.rounds.history[-1][0]
+    assert final.finished == 1 and final.done_pages == len(rows) and final.inflight == 0
+
+
+def test_fast_rank_steals_from_slow_rank_and_nothing_is_lost(sample_pdfs, tmp_path):
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs, out, world_size=2, unit_pages=1)
+    assert len(plan.queues[1]) >= 3
+    rounds = SlowPeerRounds(plan)
+    w = make_worker(plan, out, 0, rounds, batch_size=1)
+    assert w.run() is False
+    assert w.stats.units_stolen > 0
+    # both views of the queues agree after every steal, and every unit was claimed once
+    assert w.queue.queues == rounds.peer.queues
+    mine = {r["doc_id"] + f":{r['page']}-{r['page']}" for r in committed(out)}
+    assert len(mine) == w.stats.units
+    assert mine.isdisjoint(rounds.claimed_units)
+    assert len(mine) + len(rounds.claimed_units) == len(plan.units)
+    assert rounds.history[-1][0].finished and rounds.history[-1][1].finished
+
+
+class StopAfter:
+    """A stop request that arrives once `worker` has processed `pages` pages."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self.worker: Worker | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.worker is not None and self.worker.stats.pages >= self.pages
+
+
+def test_stop_request_commits_whole_units_then_stops(sample_pdfs, tmp_path):
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
+    stop = StopAfter(3)
+    w = make_worker(plan, out, 0, OneRankRounds(), stop=stop, commit_pages=1000)
+    stop.worker = w
+    assert w.run() is True
+    rows = committed(out)
+    assert 0 < len(rows) < len(all_pages(plan))  # committed what was done, then stopped
+    check_chunks_hold_whole_units(out)
+    assert w.rounds.history[-1][0].stop == 1
+
+
+def test_render_crash_costs_only_the_guilty_page(sample_pdfs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
+    guilty = sample_pdfs[0].name
+    monkeypatch.setenv("NOUGAT_DIST_FAULT", f"render-crash:{guilty}:2")
+    w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1)
+    assert w.run() is False
+    rows = committed(out)
+    assert sorted((r["doc_id"], r["page"]) for r in rows) == sorted(all_pages(plan))
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert [(Path(r["source"]).name, r["page"], r["status"]) for r in bad] == [
+        (guilty, 2, "render_error")]
+    assert "crashed" in bad[0]["error"]
+    assert w.stats.render_recoveries == 1
+    check_chunks_hold_whole_units(out)
+
+
+def test_status_vector_round_trips_through_the_wire_format():
+    s = RankStatus(done_pages=5, claimed=2, finished=1, rate_milli=1500, stop=0, reserve=1,
+                   inflight=3, fail=1, render_error=2, error=0)
+    assert RankStatus.decode(s.encode()) == s
+    with pytest.raises(ValueError):
+        RankStatus.decode([0, 1])
