@@ -30,6 +30,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "upload": ("push the Parquet dataset in OUTPUT to a Hugging Face Hub dataset repo with a "
                "generated dataset card (--dry-run prints the plan)",
                "nougat_dist.stages.upload", "add_upload_args", "run_upload"),
+    "selftest": ("check a node before a long job: CUDA/NCCL/bf16, /dev/shm, launcher text == stock "
+                 "nougat text on a generated PDF, model-only vs pipeline pages/s, and on a GPU the "
+                 "largest --batch-size a worst-case decode fits",
+                 "nougat_dist.selftest", "add_selftest_args", "run_selftest"),
 }
 
 
