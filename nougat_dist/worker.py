@@ -362,6 +362,9 @@ def _versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = "missing"
+    from nougat_dist.provenance import tool_provenance
+
+    out.update(tool_provenance())  # type: ignore[arg-type]  (None: no git checkout or install)
     return out
 
 

@@ -80,6 +80,8 @@ def test_wheel_commands_and_a_two_rank_job(installed: Path, sample_pdfs: list[Pa
           "--test-fake-model", "delay=0"], cwd=tmp_path)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["world_size"] == 2 and stats["pages_by_status"], stats
+    assert stats["versions"]["nougat-dist"] == "0.1.0"
+    assert stats["versions"]["nougat-dist-commit"] is None  # installed, not a checkout
     status = _run([exe, "status", str(out)], cwd=tmp_path).stdout
     assert "finished" in status.lower(), status
 
