@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -77,3 +78,17 @@ def _stacks_then_kill(popen: subprocess.Popen, args: list[str]) -> tuple[str, st
     except ProcessLookupError:
         pass
     return popen.communicate(timeout=60)
+
+
+def rows(out: Path) -> dict[tuple[str, int], str]:
+    """Every committed page's text by (doc_id, page); fails if a page was stored twice."""
+    import pandas as pd
+
+    df = pd.read_parquet(out / "pages")
+    keys = list(zip(df.doc_id, df.page))
+    assert len(keys) == len(set(keys)), "a page appears twice"
+    return dict(zip(keys, df.text))
+
+
+def stats(out: Path) -> dict:
+    return json.loads((out / "stats.json").read_text())

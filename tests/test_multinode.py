@@ -5,7 +5,6 @@ Needs root (CI runs as root); without it the tests fail, never skip."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_launch
+from conftest import ROOT, rows, run_launch, stats
 from netns import Cluster, Node
 from testing.samples import write_long_pdf, write_sample_pdfs
 
@@ -62,17 +61,6 @@ def run_job(nodes: Cluster, args: list[str], tmp: Path, run_id: str, timeout: fl
     assert rcs == [0, 0], f"exit codes {rcs}\n" + "\n".join(f"--- {lg.name}\n{t[-4000:]}"
                                                            for lg, t in zip(logs, texts))
     return texts
-
-
-def rows(out: Path) -> dict[tuple[str, int], str]:
-    df = pd.read_parquet(out / "pages")
-    keys = list(zip(df.doc_id, df.page))
-    assert len(keys) == len(set(keys)), "a page appears twice"
-    return dict(zip(keys, df.text))
-
-
-def stats(out: Path) -> dict:
-    return json.loads((out / "stats.json").read_text())
 
 
 def test_two_nodes_match_one_rank_with_the_tiny_model(nodes, tmp_path, tiny_checkpoint, sample_pdfs):

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import run_launch
+from conftest import rows, run_launch, stats
 from testing.samples import write_long_pdf, write_sample_pdfs
 
 FAST, SLOW = 0.1, 1.0  # seconds per page of the fake model on rank 0 and rank 1 (sleeps)
 TIGHT = ["--unit-pages", "1", "--batch-size", "1", "--num-workers", "1", "--prefetch-factor", "1"]
-
-
-def rows(out: Path) -> dict[tuple[str, int], str]:
-    df = pd.read_parquet(out / "pages")
-    keys = list(zip(df.doc_id, df.page))
-    assert len(keys) == len(set(keys)), "a page appears twice"
-    return dict(zip(keys, df.text))
-
-
-def stats(out: Path) -> dict:
-    return json.loads((out / "stats.json").read_text())
 
 
 def test_two_ranks_match_one_rank_with_the_tiny_model(tmp_path, tiny_checkpoint, sample_pdfs):
