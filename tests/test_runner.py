@@ -80,3 +80,41 @@ def test_cpu_threads_only_lower_and_settle():
         assert late.threads == 2
     finally:
         torch.set_num_threads(before)
+
+
+class HungryModel:
+    """Allocates a tensor for every attempt, then runs out of memory above `limit` pages; records
+    whether the previous failed attempt's tensor could still be reached when the next began."""
+
+    def __init__(self, limit: int) -> None:
+        self.inner = FakeModel("delay=0", 0)
+        self.limit = limit
+        self.failed: list = []  # weakrefs to the failed attempts' tensors
+        self.alive_at_retry: list[bool] = []
+
+    def inference(self, image_tensors, early_stopping=True):
+        import gc
+        import weakref
+
+        gc.collect()
+        self.alive_at_retry.extend(ref() is not None for ref in self.failed)
+        self.failed = []
+        activations = torch.ones(len(image_tensors), 1024)
+        if len(image_tensors) > self.limit:
+            self.failed.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return self.inner.inference(image_tensors, early_stopping)
+
+
+def test_oom_back_off_retries_with_the_failed_attempt_freed():
+    from nougat_dist.ocr.pages import PageRunner, RankStats
+
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(5)])
+    pages = [1, 2, 3, 4, 5]
+    plain = PageRunner(FakeModel("delay=0", 0), False, True, RankStats(0)).infer(images, pages)
+    model = HungryModel(limit=1)
+    stats = RankStats(0)
+    got = PageRunner(model, False, True, stats).infer(images, pages)
+    assert [r.text for r in got] == [r.text for r in plain]
+    assert stats.oom_retries == 4  # 5 -> 2 + 3; 2 -> 1 + 1; 3 -> 1 + 2; 2 -> 1 + 1
+    assert model.alive_at_retry and not any(model.alive_at_retry)

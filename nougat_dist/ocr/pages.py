@@ -46,12 +46,11 @@ class PageRunner:
 
     def infer(self, images: torch.Tensor, pages: list[int]) -> list[PageResult]:
         """Per-page results of `images` (pages are their 1-based numbers, for the markers)."""
-        try:
-            with torch.inference_mode():
-                out = self.model.inference(image_tensors=images, early_stopping=self.skipping)
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_oom(e) or len(images) == 1:
-                raise
+        out = self._attempt(images)
+        if out is None:
+            # Retried here, after the handler has ended: inside it the exception's traceback
+            # keeps the failed attempt's frames and tensors alive through empty_cache() and both
+            # retries, so each halving would start with less memory than the last.
             self.stats.oom_retries += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -61,6 +60,16 @@ class PageRunner:
             return self.infer(images[:half], pages[:half]) + self.infer(images[half:], pages[half:])
         return page_results(out, pages, markdown=self.markdown, skipping=self.skipping,
                             pad_token_id=self.pad_token_id)
+
+    def _attempt(self, images: torch.Tensor) -> dict[str, Any] | None:
+        """One model.inference call; None when it ran out of memory on more than one page."""
+        try:
+            with torch.inference_mode():
+                return self.model.inference(image_tensors=images, early_stopping=self.skipping)
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_oom(e) or len(images) == 1:
+                raise
+        return None
 
 
 def page_row(entry: DocEntry, page: int, *, rank: int, model_id: str, dtype: str,
