@@ -54,16 +54,39 @@ def test_compare_reports_where_the_texts_differ():
     assert selftest.compare("abc", "abcd", 1).status == "FAIL"
 
 
-def test_probe_line_recovers_a_linear_memory_model():
-    true = probe.Line(fixed=3e8, per_page=2e7, per_token=1e5)
-    b1, b2, t1, t2 = 2, 8, 224, 448
-    peaks = [true.peak(b, t) for t in (t1, t2) for b in (b1, b2)]
-    got = probe.fit(b1, b2, t1, t2, *peaks)
-    assert abs(got.fixed - true.fixed) < 1 and abs(got.per_page - true.per_page) < 1e-3
-    assert abs(got.per_token - true.per_token) < 1e-6
-    budget = 80 * 2**30
-    batch = got.largest_batch(budget, 3584)
-    assert true.peak(batch, 3584) <= budget < true.peak(batch + 1, 3584)
+def _two_regime_peak(batch: int, tokens: int) -> float:
+    """Peak bytes of one decode as measured on an H200 with the real 0.1.0-small architecture:
+    the larger of the encoder's activations (142 MiB a page) and the decode's scores and cache
+    (0.2 MiB a page per token); short decodes are hidden under the encoder's peak."""
+    encoder = 2e8 + batch * 142 * 2**20
+    decode = 3e8 + batch * tokens * 0.2 * 2**20
+    return max(encoder, decode)
+
+
+def test_probe_fits_the_full_length_decode_that_short_decodes_hide():
+    budget = int(125 * 2**30)
+    # what short decodes would have said: the same peak at 224 and 448 tokens
+    assert _two_regime_peak(8, 224) == _two_regime_peak(8, 448)
+    r = probe.largest_batch(None, None, 3584, verify=False, budget=budget, measure=_two_regime_peak)
+    assert _two_regime_peak(r.batch, 3584) <= budget < _two_regime_peak(r.batch + 1, 3584)
+    assert not r.verified and "3584-token" in r.notes[0]
+
+
+def test_probe_steps_down_until_the_verifying_batch_fits_and_caps_the_batch():
+    calls = []
+
+    def measure(batch: int, tokens: int) -> float:
+        calls.append(batch)
+        if batch > 40:  # the fitted line is optimistic: the real batch runs out of memory
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 1e8 + batch * 1e9
+
+    r = probe.largest_batch(None, None, 3584, budget=int(60e9), measure=measure)
+    assert r.verified and r.batch <= 40 and calls[:2] == [2, 4] and calls[2] == 59
+    assert any("ran out of memory" in n for n in r.notes)
+    tiny = probe.largest_batch(None, None, 96, verify=False, budget=int(125 * 2**30),
+                               measure=lambda b, t: 1e6 + b * 3e6)
+    assert tiny.batch == probe.MAX_BATCH and any("capped" in n for n in tiny.notes)
 
 
 def test_forced_length_decodes_every_page_to_the_given_length(tiny_checkpoint):

@@ -2,9 +2,14 @@
 
 A page costs the most when its decode runs to the checkpoint's max_length: nougat keeps every
 step's scores (batch x vocabulary per token) and the KV cache, both linear in the tokens decoded,
-and stacks the scores at the end. So peak memory is about fixed + batch x (a + c x tokens): short
-forced decodes at two batch sizes and two lengths give the line, the line gives the batch for
-max_length, and one full-length decode at that batch verifies it (stepping down on OOM).
+and stacks the scores at the end. The peak of one batch is the larger of two regimes, the encoder's
+activations (linear in the batch) and the decode's memory (linear in batch x tokens), so short
+decodes say nothing about a full one when the encoder's peak hides the decode's: measured on an
+H200 with the real 0.1.0-small architecture, decodes of 224 and 448 tokens peaked at the same
+memory, and a line through them promised 585 pages at 3584 tokens where the scores alone need
+about 0.7 GB a page. The probe therefore decodes the full max_length at two small batches, fits
+peak = fixed + batch x per_page at that length, and verifies the batch it implies with one full
+decode (stepping down on OOM).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -67,28 +72,29 @@ def _peak(model: Any, images: torch.Tensor, batch: int, tokens: int) -> int:
 
 @dataclass
 class Line:
-    """peak(batch, tokens) = fixed + batch x (per_page + per_token x tokens)"""
+    """peak(batch) = fixed + batch x per_page, for decodes of one fixed length."""
 
     fixed: float
     per_page: float
-    per_token: float
 
-    def peak(self, batch: int, tokens: int) -> float:
-        return self.fixed + batch * (self.per_page + self.per_token * tokens)
+    def peak(self, batch: int) -> float:
+        return self.fixed + batch * self.per_page
 
-    def largest_batch(self, budget: float, tokens: int) -> int:
-        per = self.per_page + self.per_token * tokens
-        return max(0, int((budget - self.fixed) // per)) if per > 0 else 0
+    def largest_batch(self, budget: float) -> int:
+        if self.per_page <= 0:
+            return 0
+        return max(0, int((budget - self.fixed) // self.per_page))
 
 
-def fit(b1: int, b2: int, t1: int, t2: int, p11: float, p21: float, p12: float, p22: float) -> Line:
-    """The line through four measured peaks p{batch}{tokens} (batches b1 < b2, tokens t1 < t2)."""
-    slope1 = (p21 - p11) / (b2 - b1)  # bytes per page at t1 tokens
-    slope2 = (p22 - p12) / (b2 - b1)
-    per_token = max(0.0, (slope2 - slope1) / (t2 - t1))
-    per_page = slope2 - per_token * t2
-    fixed = p12 - b1 * slope2
-    return Line(fixed=max(0.0, fixed), per_page=max(0.0, per_page), per_token=per_token)
+def fit(b1: int, b2: int, p1: float, p2: float) -> Line:
+    """The line through the peaks p1, p2 measured at batches b1 < b2."""
+    per_page = max(0.0, (p2 - p1) / (b2 - b1))
+    return Line(fixed=max(0.0, p1 - b1 * per_page), per_page=per_page)
+
+
+#: Beyond this a batch buys nothing on any current GPU (the decode is memory-bound long before),
+#: and the pages in flight (render workers x prefetch x batch) would crowd /dev/shm and host RAM.
+MAX_BATCH = 256
 
 
 @dataclass
@@ -101,36 +107,48 @@ class ProbeResult:
     notes: list[str]
 
 
-def _fits(model: Any, images: torch.Tensor, batch: int, tokens: int) -> tuple[bool, float]:
+def _fits(measure: Callable[[int, int], float], batch: int, tokens: int) -> tuple[bool, float]:
     t0 = time.monotonic()
     try:
-        _peak(model, images, batch, tokens)
+        measure(batch, tokens)
         ok = True
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
         if not is_oom(e):
             raise
         ok = False
     # Outside the handler: the failed attempt's frames (and its tensors) are gone by now.
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return ok, time.monotonic() - t0
 
 
-def largest_batch(model: Any, images: torch.Tensor, max_length: int, verify: bool = True) -> ProbeResult:
-    """The batch size to run with on this GPU: as many pages as fit a max_length decode each."""
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    budget = int(free * HEADROOM)
-    b1, b2 = 2, 8
-    t1, t2 = max(4, max_length // 16), max(8, max_length // 8)
-    peaks = [_peak(model, images, b, t) for t in (t1, t2) for b in (b1, b2)]
-    line = fit(b1, b2, t1, t2, *peaks)
-    batch = line.largest_batch(budget, max_length)
-    notes = [f"peaks at {b1}/{b2} pages x {t1}/{t2} tokens: "
-             + ", ".join(f"{p / 2**20:.0f}" for p in peaks) + " MiB"]
+def largest_batch(model: Any, images: torch.Tensor, max_length: int, verify: bool = True,
+                  budget: int | None = None,
+                  measure: Callable[[int, int], float] | None = None) -> ProbeResult:
+    """The batch size to run with on this GPU: as many pages as fit a max_length decode each.
+
+    `measure(batch, tokens)` returns the peak bytes of one forced decode (default: on the GPU,
+    with `model` and `images`); `budget` defaults to HEADROOM of the free GPU memory."""
+    if measure is None:
+        def measure(batch: int, tokens: int) -> float:
+            return _peak(model, images, batch, tokens)
+    if budget is None:
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        budget = int(free * HEADROOM)
+    b1, b2 = 2, 4
+    p1, p2 = measure(b1, max_length), measure(b2, max_length)
+    line = fit(b1, b2, p1, p2)
+    batch = line.largest_batch(budget)
+    notes = [f"full {max_length}-token decodes peaked at {p1 / 2**20:.0f} MiB ({b1} pages) and "
+             f"{p2 / 2**20:.0f} MiB ({b2} pages)"]
+    if batch > MAX_BATCH:
+        notes.append(f"{batch} would fit; capped at {MAX_BATCH}")
+        batch = MAX_BATCH
     if not verify or batch < 1:
         return ProbeResult(batch, False, line, budget, None, notes)
-    for _ in range(4):
-        ok, seconds = _fits(model, images, batch, max_length)
+    for _ in range(8):
+        ok, seconds = _fits(measure, batch, max_length)
         if ok:
             return ProbeResult(batch, True, line, budget, seconds, notes)
         notes.append(f"{batch} pages ran out of memory at {max_length} tokens")
