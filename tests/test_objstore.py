@@ -1,0 +1,215 @@
+"""Object-store inputs (s3:// through the real s3fs client) against an S3 server on loopback.
+
+The server is moto's (`moto.server.ThreadedMotoServer`), which speaks the S3 REST API over HTTP on
+127.0.0.1: s3fs, aiobotocore and botocore run unchanged, only the endpoint differs
+(FSSPEC_S3_ENDPOINT_URL, which fsspec applies to every S3 filesystem, in this process and in the
+launched job).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import rows, run_launch
+from test_archives import write_rar5_stored, write_zip
+from nougat_dist.inputs import objstore
+from nougat_dist.inputs import remote as download
+from nougat_dist.inputs.remote import Downloader, DownloadError
+from nougat_dist.inputs.sources import InputError, Source, discover, read_bytes
+from nougat_dist.store.manifest import inspect
+
+BUCKET = "papers-bucket"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A fresh S3 server on a free loopback port, with s3fs pointed at it."""
+    pytest.importorskip("s3fs", reason="s3fs is pinned in requirements-dev.txt")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """An s3fs filesystem on the loopback server with an empty bucket, and a fresh download cache."""
+    import fsspec
+    import fsspec.config
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_endpoint})
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    if fs.exists(BUCKET):
+        fs.rm(BUCKET, recursive=True)
+    fs.mkdir(BUCKET)
+    fs.invalidate_cache()
+    return fs
+
+
+@pytest.fixture(scope="module")
+def five_pdfs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    from testing.samples import write_sample_pdfs
+
+    return [p.read_bytes() for p in write_sample_pdfs(tmp_path_factory.mktemp("five"), n_docs=5, seed=3)]
+
+
+@pytest.fixture
+def corpus(five_pdfs: list[bytes], tmp_path: Path) -> dict[str, bytes]:
+    """What the bucket holds (key → bytes): two PDFs, a note, a RAR and a zip of PDFs (five
+    different documents in all)."""
+    a, b, c, d, e = five_pdfs
+    rar = write_rar5_stored(tmp_path / "x.rar", [("r/one.pdf", c), ("r/two.pdf", d)])
+    zp = write_zip(tmp_path / "y.zip", [("z/one.pdf", e), ("z/readme.txt", b"not a pdf")])
+    return {"papers/a.pdf": a, "papers/sub/b.pdf": b, "papers/notes.txt": b"notes",
+            "books/x.rar": rar.read_bytes(), "books/y.zip": zp.read_bytes()}
+
+
+def upload(fs, corpus: dict[str, bytes]) -> None:
+    for key, data in corpus.items():
+        fs.pipe_file(f"{BUCKET}/{key}", data)
+    fs.invalidate_cache()
+
+
+def url(key: str) -> str:
+    return f"s3://{BUCKET}/{key}"
+
+
+def test_protocols_and_listing_specs():
+    assert objstore.protocol("s3://b/k.pdf") == "s3" and objstore.protocol("GS://b/k") == "gs"
+    # Handled elsewhere, or not a protocol at all: never an object store.
+    for spec in ("https://h/a.pdf", "hf://datasets/a/b/*.pdf", "file:///tmp/a.pdf", "papers/a.pdf",
+                 "nosuchproto://b/k"):
+        assert objstore.protocol(spec) is None, spec
+    assert download.is_remote("s3://b/k.pdf") and not download.is_remote("nosuchproto://b/k")
+    listing = ["s3://b/papers/**.pdf", "s3://b/papers/", "s3://b", "s3://b/", "s3://b/x/[ab].pdf"]
+    single = ["s3://b/papers/a.pdf", "s3://b/books/x.rar"]
+    assert all(download.is_listing(s) for s in listing)
+    assert not any(download.is_listing(s) for s in single)
+    assert download.remote_name("s3://b/dir/weird%20name.PDF#sha256=" + "0" * 64) == "weird%20name.PDF"
+
+
+def test_missing_package_is_a_setup_error_that_names_the_extra(monkeypatch, tmp_path):
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "gs",
+                        {"class": "no_such_module_xyz.GCSFileSystem", "err": "Install gcsfs to access GCS"})
+    with pytest.raises(InputError, match=r"Install gcsfs.*pip install 'nougat-dist\[gcs\]'"):
+        discover(["gs://bucket/papers/a.pdf"])
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("gs://bucket/papers/a.pdf\n")
+    with pytest.raises(InputError, match=r"nougat-dist\[gcs\]"):
+        discover([str(listing)])
+
+
+def test_glob_prefix_and_archives_are_discovered_and_read(s3, corpus, five_pdfs, tmp_path):
+    upload(s3, corpus)
+    assert discover([url("papers/**.pdf")]) == [Source(url("papers/a.pdf")), Source(url("papers/sub/b.pdf"))]
+    # A prefix lists every document under it, like a directory (the note is not a document).
+    assert discover([url("papers/")]) == [Source(url("papers/a.pdf")), Source(url("papers/sub/b.pdf"))]
+    assert discover([url("papers/*/*.pdf")]) == [Source(url("papers/sub/b.pdf"))]
+    books = discover([url("books/*")])
+    assert books == [Source(url("books/x.rar"), "r/one.pdf"), Source(url("books/x.rar"), "r/two.pdf"),
+                     Source(url("books/y.zip"), "z/one.pdf")]
+    assert [read_bytes(s) for s in books] == five_pdfs[2:]
+    for src in discover([url("papers/")]):
+        assert read_bytes(src) == corpus[src.source.split(f"{BUCKET}/", 1)[1]]
+
+    # A list file mixes object-store lines (with a checksum) and a missing object, which becomes
+    # an error row instead of stopping the job.
+    good = hashlib.sha256(corpus["papers/a.pdf"]).hexdigest()
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{url('papers/a.pdf')} {good}\n{url('papers/gone.pdf')}\n{url('books/y.zip')}\n")
+    found = discover([str(listing)])
+    assert [s.source for s in found] == [f"{url('papers/a.pdf')}#sha256={good}", url("papers/gone.pdf"),
+                                         url("books/y.zip")]
+    assert read_bytes(found[0]) == corpus["papers/a.pdf"]
+    err = inspect(found[1]).error
+    assert "not found" in err and url("papers/gone.pdf") in err
+
+    with pytest.raises(InputError, match="no PDF or archive matches"):
+        discover([url("papers/*.txt.pdf")])
+
+
+def test_cache_checksum_and_permanent_errors(s3, corpus, tmp_path):
+    upload(s3, corpus)
+    sleeps: list[float] = []
+    dl = Downloader(tmp_path / "dl", retries=3, backoff=0.5, sleep=sleeps.append)
+    path = dl.fetch(url("papers/a.pdf"))
+    assert path.read_bytes() == corpus["papers/a.pdf"] and path.name.endswith("-a.pdf")
+    # The cache answers the next fetch: the object is gone from the bucket, the bytes are not.
+    s3.rm_file(f"{BUCKET}/papers/a.pdf")
+    assert Downloader(dl.cache_dir).fetch(url("papers/a.pdf")) == path
+
+    with pytest.raises(DownloadError, match="sha256 mismatch"):
+        dl.fetch(url("papers/sub/b.pdf") + "#sha256=" + "0" * 64)
+    with pytest.raises(DownloadError, match="not found"):
+        dl.fetch(url("papers/nothing.pdf"))
+    assert sleeps == []  # neither is retried
+    assert sorted(p.name for p in dl.cache_dir.rglob("*") if p.is_file()) == [path.name]
+
+
+def test_transient_errors_are_retried_and_a_partial_read_resumes(s3, corpus, tmp_path, monkeypatch):
+    """A connection that drops mid-object is retried with backoff, from the byte it reached."""
+    data = corpus["papers/sub/b.pdf"]
+    upload(s3, corpus)
+    ranges: list[tuple[int, int]] = []
+    fs_cls = type(s3)
+    real_cat = fs_cls.cat_file
+    failures = iter([False, True, False, True])  # second and fourth reads drop
+
+    def flaky_cat(self, path, start=None, end=None, **kw):
+        ranges.append((start, end))
+        if next(failures, False):
+            raise ConnectionResetError("connection reset by peer")
+        return real_cat(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(fs_cls, "cat_file", flaky_cat)
+    # fsspec binds an async filesystem's sync methods per instance when it is created: drop the
+    # cached instances so the downloader's is created with the patched method.
+    fs_cls.clear_instance_cache()
+    monkeypatch.setattr(download, "CHUNK_BYTES", 4096)  # several reads per object
+    sleeps: list[float] = []
+    dl = Downloader(tmp_path / "dl", retries=3, backoff=0.5, sleep=sleeps.append)
+    path = dl.fetch(url("papers/sub/b.pdf"))
+    assert path.read_bytes() == data
+    assert sleeps == [0.5, 0.5], ranges  # progress between the drops resets the count
+    starts = [r[0] for r in ranges]
+    # Each retry starts where the part ended, never at byte 0 again.
+    assert starts[:4] == [0, 4096, 4096, 8192] and starts.count(0) == 1
+    assert len(data) > 8192
+
+
+def test_e2e_bucket_equals_local(s3, corpus, tmp_path):
+    """The job reads a 2-file prefix and archives from the bucket; its pages equal the same files
+    given as local paths."""
+    upload(s3, corpus)
+    local = tmp_path / "local"
+    for key, data in corpus.items():
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        (local / key).write_bytes(data)
+    common = ["--test-fake-model", "delay=0", "--device", "cpu", "--num-workers", "1"]
+    env = {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": os.environ["FSSPEC_S3_ENDPOINT_URL"],
+           download.CACHE_ENV: str(tmp_path / "job-cache")}
+    run_launch(["--input", url("papers/**.pdf"), url("books/"), "--output", str(tmp_path / "remote"),
+                *common], env=env, timeout=240)
+    run_launch(["--input", str(local / "papers"), str(local / "books"), "--output", str(tmp_path / "local-out"),
+                *common], timeout=240)
+    remote_rows, local_rows = rows(tmp_path / "remote"), rows(tmp_path / "local-out")
+    assert remote_rows == local_rows and len(remote_rows) > 0
+    df = pd.read_parquet(tmp_path / "remote" / "pages")
+    assert set(df.source) == {url("papers/a.pdf"), url("papers/sub/b.pdf"), url("books/x.rar"), url("books/y.zip")}
+    assert set(df.status) <= {"ok", "empty"}, df[["source", "page", "status", "error"]]
