@@ -24,7 +24,7 @@ say() { echo "[k8s/entry.sh $(date +%H:%M:%S)] $*"; }
 INDEX="${JOB_COMPLETION_INDEX:-}"        # set by the Job controller (completionMode: Indexed)
 NNODES="${NNODES:-}"                     # = the Job's completions and parallelism
 INPUT="${INPUT:-}"                       # space separated: gs://b/papers/**.pdf, /data/list.txt, ...
-OUTPUT="${OUTPUT:-}"                     # a directory every pod sees (a ReadWriteMany volume)
+OUTPUT="${OUTPUT:-}"                     # gs://bucket/prefix, or a directory every pod sees (RWX volume)
 CHECKPOINT="${CHECKPOINT:-}"             # a checkpoint dir from a volume (empty: --model download)
 # Ranks per pod: the GPUs of the pod's resource limit (the manifest passes it), else what the
 # container sees, else 1 (a CPU pod).
@@ -113,9 +113,13 @@ trap on_term TERM INT
 # up). Records of this attempt are those started since this script did, written on this host.
 started="$(date +%s)"
 rank_exits() {
-    "$PYTHON" - "$OUTPUT/attempts" "$started" <<'PY' 2>/dev/null
+    "$PYTHON" - "$OUTPUT" "$started" <<'PY' 2>/dev/null
 import json, pathlib, platform, sys
-for p in pathlib.Path(sys.argv[1]).glob("*.r*.json"):
+out = sys.argv[1]
+if "://" in out:  # a bucket output: the records are in this node's staging dir
+    from nougat_dist.store.bucket import staging_dir
+    out = staging_dir(out)
+for p in (pathlib.Path(out) / "attempts").glob("*.r*.json"):
     try:
         r = json.loads(p.read_text())
     except (OSError, ValueError):
@@ -148,5 +152,5 @@ if (( stop_requested )) || grep -qx "stopped" <<< "$exits"; then
     say "stopped (code $rc): everything committed is kept; the Job re-creates the pod to resume"
     exit "$EXIT_STOPPED"
 fi
-say "failed (code $rc); see $OUTPUT/logs. The Job re-creates the pod (backoffLimit) and it resumes" >&2
+say "failed (code $rc); see the rank logs (OUTPUT/logs). The Job re-creates the pod (backoffLimit) and it resumes" >&2
 exit "$rc"

@@ -9,18 +9,24 @@ launched job).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import rows, run_launch
+from conftest import ROOT, rows, run_launch
 from test_archives import write_rar5_stored, write_zip
 from nougat_dist.inputs import objstore
 from nougat_dist.inputs import remote as download
 from nougat_dist.inputs.remote import Downloader, DownloadError
 from nougat_dist.inputs.sources import InputError, Source, discover, read_bytes
+from nougat_dist.store import bucket
 from nougat_dist.store.manifest import inspect
 
 BUCKET = "papers-bucket"
@@ -67,11 +73,12 @@ def five_pdfs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     return [p.read_bytes() for p in write_sample_pdfs(tmp_path_factory.mktemp("five"), n_docs=5, seed=3)]
 
 
-@pytest.fixture
-def corpus(five_pdfs: list[bytes], tmp_path: Path) -> dict[str, bytes]:
+@pytest.fixture(scope="module")
+def corpus(five_pdfs: list[bytes], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """What the bucket holds (key → bytes): two PDFs, a note, a RAR and a zip of PDFs (five
     different documents in all)."""
     a, b, c, d, e = five_pdfs
+    tmp_path = tmp_path_factory.mktemp("archives")
     rar = write_rar5_stored(tmp_path / "x.rar", [("r/one.pdf", c), ("r/two.pdf", d)])
     zp = write_zip(tmp_path / "y.zip", [("z/one.pdf", e), ("z/readme.txt", b"not a pdf")])
     return {"papers/a.pdf": a, "papers/sub/b.pdf": b, "papers/notes.txt": b"notes",
@@ -193,23 +200,148 @@ def test_transient_errors_are_retried_and_a_partial_read_resumes(s3, corpus, tmp
     assert len(data) > 8192
 
 
-def test_e2e_bucket_equals_local(s3, corpus, tmp_path):
-    """The job reads a 2-file prefix and archives from the bucket; its pages equal the same files
-    given as local paths."""
-    upload(s3, corpus)
-    local = tmp_path / "local"
+COMMON = ["--test-fake-model", "delay=0", "--device", "cpu", "--num-workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def local_run(corpus: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The corpus as local files, and the pages of a job over them with a local --output."""
+    local = tmp_path_factory.mktemp("local")
     for key, data in corpus.items():
         (local / key).parent.mkdir(parents=True, exist_ok=True)
         (local / key).write_bytes(data)
-    common = ["--test-fake-model", "delay=0", "--device", "cpu", "--num-workers", "1"]
-    env = {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": os.environ["FSSPEC_S3_ENDPOINT_URL"],
-           download.CACHE_ENV: str(tmp_path / "job-cache")}
+    out = local / "out"
+    run_launch(["--input", str(local / "papers"), str(local / "books"), "--output", str(out), *COMMON],
+               timeout=240)
+    return local, rows(out)
+
+
+def job_env(tmp_path: Path, **over: str) -> dict[str, str]:
+    return {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": os.environ["FSSPEC_S3_ENDPOINT_URL"],
+            download.CACHE_ENV: str(tmp_path / "job-cache"), bucket.STAGING_ENV: str(tmp_path / "staging"),
+            **over}
+
+
+def test_e2e_bucket_equals_local(s3, corpus, local_run, tmp_path):
+    """The job reads a 2-file prefix and archives from the bucket; its pages equal the same files
+    given as local paths."""
+    upload(s3, corpus)
     run_launch(["--input", url("papers/**.pdf"), url("books/"), "--output", str(tmp_path / "remote"),
-                *common], env=env, timeout=240)
-    run_launch(["--input", str(local / "papers"), str(local / "books"), "--output", str(tmp_path / "local-out"),
-                *common], timeout=240)
-    remote_rows, local_rows = rows(tmp_path / "remote"), rows(tmp_path / "local-out")
-    assert remote_rows == local_rows and len(remote_rows) > 0
+                *COMMON], env=job_env(tmp_path), timeout=240)
+    remote_rows = rows(tmp_path / "remote")
+    assert remote_rows == local_run[1] and len(remote_rows) > 0
     df = pd.read_parquet(tmp_path / "remote" / "pages")
     assert set(df.source) == {url("papers/a.pdf"), url("papers/sub/b.pdf"), url("books/x.rar"), url("books/y.zip")}
     assert set(df.status) <= {"ok", "empty"}, df[["source", "page", "status", "error"]]
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+def bucket_copy(fs, prefix: str, dest: Path) -> Path:
+    """Everything under the bucket prefix, downloaded as a directory (what a reader of the
+    bucket sees)."""
+    fs.invalidate_cache()
+    fs.get(f"{BUCKET}/{prefix}/", str(dest), recursive=True)
+    return dest
+
+
+def test_two_rank_job_writes_its_output_to_the_bucket(s3, local_run, tmp_path):
+    local, reference = local_run
+    out = url("out/run1")
+    run_launch(["--input", str(local / "papers"), str(local / "books"), "--output", out, *COMMON],
+               nproc=2, env=job_env(tmp_path), timeout=300)
+    got = bucket_copy(s3, "out/run1", tmp_path / "got")
+    assert rows(got) == reference
+    assert (got / "manifest.parquet").exists() and (got / "documents.parquet").exists()
+    stats = json.loads((got / "stats.json").read_text())
+    assert stats["complete"] and stats["world_size"] == 2
+    assert not (got / "lease.json").exists()  # released at the end
+    # The staging dir is where the ranks wrote; the bucket holds the same committed chunks.
+    staged = sorted(p.name for p in (tmp_path / "staging").rglob("part-*.parquet"))
+    assert staged == sorted(p.name for p in (got / "pages").glob("part-*.parquet")) and staged
+
+
+def test_kill9_then_resume_on_a_fresh_node_is_exactly_once(s3, local_run, tmp_path):
+    """SIGKILL mid-run; the resume runs with an empty staging dir (another node) and gets what was
+    committed from the bucket alone."""
+    local, reference = local_run
+    out = url("out/killed")
+    args = ["--input", str(local / "papers"), str(local / "books"), "--output", out,
+            "--device", "cpu", "--num-workers", "1", "--unit-pages", "2", "--commit-pages", "2",
+            "--batch-size", "2"]
+    env = {**os.environ, **job_env(tmp_path, **{bucket.STAGING_ENV: str(tmp_path / "node-a"),
+                                                 bucket.SYNC_ENV: "0.3"})}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args, "--test-fake-model", "delay=0.5"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            s3.invalidate_cache()
+            if s3.glob(f"{BUCKET}/out/killed/pages/part-*.parquet"):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()[-4000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    in_bucket = rows(bucket_copy(s3, "out/killed", tmp_path / "at-kill"))
+    assert 0 < len(in_bucket) < len(reference)
+    s3.invalidate_cache()
+    assert s3.exists(f"{BUCKET}/out/killed/lease.json")  # the killed job never released it
+
+    run_launch([*args, "--test-fake-model", "delay=0"], timeout=240,
+               env=job_env(tmp_path, **{bucket.STAGING_ENV: str(tmp_path / "node-b")}))
+    got = bucket_copy(s3, "out/killed", tmp_path / "got")
+    assert rows(got) == reference  # every page once (rows() fails on a page stored twice)
+    stats = json.loads((got / "stats.json").read_text())
+    assert stats["pages_resumed"] >= len(in_bucket)
+
+
+def test_a_second_job_on_the_same_prefix_is_refused(s3, local_run, tmp_path):
+    local, _ = local_run
+    out = url("out/shared")
+    other = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "other-node"), "slurm:4242")
+    other.holder.host = "another-node"  # a live job elsewhere: fresh heartbeat, not ours
+    other.acquire()
+    try:
+        proc = run_launch(["--input", str(local / "papers"), "--output", out, *COMMON], check=False,
+                          env=job_env(tmp_path), timeout=240)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "being written by another job" in proc.stderr and "another-node" in proc.stderr
+        s3.invalidate_cache()
+        assert not s3.glob(f"{BUCKET}/out/shared/pages/*")
+    finally:
+        other.release()
+    s3.invalidate_cache()
+    assert not s3.exists(f"{BUCKET}/out/shared/lease.json")
+
+
+def test_push_creates_chunks_once_and_never_overwrites_another_writers(s3, tmp_path, caplog):
+    stage = tmp_path / "stage"
+    (stage / "pages").mkdir(parents=True)
+    sync = bucket.BucketSync(url("out/once"), stage)
+    (stage / "pages" / "part-r00000-000000.parquet").write_bytes(b"mine")
+    (stage / "pages" / "part-r00000-000001.parquet").write_bytes(b"mine too")
+    s3.pipe_file(f"{BUCKET}/out/once/pages/part-r00000-000001.parquet", b"another writer's")
+    (stage / "pages" / ".tmp-part-r00000-000002.parquet").write_bytes(b"half written")
+    assert sync.push() == 1
+    assert s3.cat_file(f"{BUCKET}/out/once/pages/part-r00000-000000.parquet") == b"mine"
+    assert s3.cat_file(f"{BUCKET}/out/once/pages/part-r00000-000001.parquet") == b"another writer's"
+    assert "already exists with other content" in caplog.text
+    assert not s3.exists(f"{BUCKET}/out/once/pages/.tmp-part-r00000-000002.parquet")
+    # Finalize (rank 0, under the lease) rewrites one chunk and removes another: mirrored.
+    (stage / "pages" / "part-r00000-000000.parquet").write_bytes(b"deduplicated")
+    (stage / "pages" / "part-r00000-000001.parquet").unlink()
+    sync.push(mirror_removals=True)
+    assert s3.cat_file(f"{BUCKET}/out/once/pages/part-r00000-000000.parquet") == b"deduplicated"
+    # Not synced by this process (another writer's object): never removed.
+    assert s3.cat_file(f"{BUCKET}/out/once/pages/part-r00000-000001.parquet") == b"another writer's"
+    # Rank 0 at the end of a complete job (finalize ran, under the lease): the bucket becomes
+    # the staging dir, so a chunk finalize removed does not linger there.
+    sync.push(authoritative=True)
+    assert not s3.exists(f"{BUCKET}/out/once/pages/part-r00000-000001.parquet")
+    # A fresh staging dir (a new node) pulls what is committed.
+    other = bucket.BucketSync(url("out/once"), tmp_path / "fresh")
+    assert other.pull() == 1
+    assert (tmp_path / "fresh" / "pages" / "part-r00000-000000.parquet").read_bytes() == b"deduplicated"
