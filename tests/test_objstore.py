@@ -37,7 +37,7 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A fresh S3 server on a free loopback port, with s3fs pointed at it."""
-    pytest.importorskip("s3fs", reason="s3fs is pinned in requirements-dev.txt")
+    import s3fs  # noqa: F401 - pinned in requirements-dev.txt: a missing client fails here, loudly
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
