@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         pushed = True
         if sync is not None:
             try:
-                sync.close(rank=info.rank, complete=rc == 0 and (Path(cfg.output) / "stats.json").exists())
+                done = rc == 0 and (Path(cfg.output) / "stats.json").exists()
+                sync.close(rank=info.rank, complete=done)
             except OSError as e:
                 pushed = False
                 log.error("could not push the output to %s: %s; run the same command again to "

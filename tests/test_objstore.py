@@ -261,6 +261,7 @@ def test_two_rank_job_writes_its_output_to_the_bucket(s3, local_run, tmp_path):
     assert staged == sorted(p.name for p in (got / "pages").glob("part-*.parquet")) and staged
 
 
+@pytest.mark.faults
 def test_kill9_then_resume_on_a_fresh_node_is_exactly_once(s3, local_run, tmp_path):
     """SIGKILL mid-run; the resume runs with an empty staging dir (another node) and gets what was
     committed from the bucket alone."""
