@@ -192,3 +192,27 @@ def test_one_pod_cpu_job_stops_on_sigterm_with_75_and_resumes(tmp_path, sample_p
     assert stats["world_size"] == 2 and stats["pages_resumed"] == done
     texts = rows(out)  # fails on a page stored twice
     assert len(texts) == total
+
+
+@pytest.mark.parametrize("rank_exit, code", [("stopped", 75), ("setup error", 2), ("exit code 1", 1)])
+def test_entry_reads_how_the_ranks_ended_from_their_attempt_records(tmp_path, rank_exit, code):
+    """torchrun exits 1 whatever its ranks returned; the pod's exit code comes from the ranks'
+    attempt records. A stop that reached this pod's ranks through the status rounds (another pod
+    was preempted) is a stop here too: 75, not a failure that uses up the Job's backoff."""
+    out = tmp_path / "out"
+    fake = tmp_path / "python"
+    # Stands in for torchrun (as `python -m torch.distributed.run ...`): the ranks wrote their
+    # records and torchrun exited 1. Anything else (the record reader) is the real Python.
+    fake.write_text(f"""#!/bin/bash
+if [[ "$1" == "-m" ]]; then
+    mkdir -p "{out}/attempts"
+    printf '{{"host": "%s", "start": %s, "exit": "{rank_exit}"}}' "$(python3 -c 'import platform; print(platform.node())')" "$(date +%s)" > "{out}/attempts/run.0.r0.json"
+    exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    env = pod_env(JOB_COMPLETION_INDEX="0", NNODES="1", HOSTNAME="nougat-ocr-0", OUTPUT=str(out),
+                  PYTHON=str(fake))
+    proc = subprocess.run(["bash", str(ENTRY)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stdout + proc.stderr
