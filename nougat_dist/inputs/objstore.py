@@ -131,7 +131,8 @@ def _classify(e: BaseException, url: str) -> Exception:
     return Transient(f"{type(e).__name__}: {e}")
 
 
-def _is_store_error(e: BaseException) -> bool:
+def is_store_error(e: BaseException) -> bool:
+    """Whether e came from the store or its transport (worth a retry), not from a bug."""
     # fsspec implementations raise OSError for what they recognise, and their transport's own
     # exceptions (aiohttp, botocore, google-auth, requests) for the rest: both are the store's.
     # Anything else (TypeError, ...) is a bug and must not be retried into silence.
@@ -153,8 +154,8 @@ def append_to(url: str, part: Path, chunk_bytes: int = CHUNK_BYTES) -> int:
         raise Permanent(str(e)) from e
     try:
         size = int(fs.size(path))
-    except Exception as e:  # noqa: BLE001 - sorted by _is_store_error, the rest re-raised
-        if not _is_store_error(e):
+    except Exception as e:  # noqa: BLE001 - sorted by is_store_error, the rest re-raised
+        if not is_store_error(e):
             raise
         raise _classify(e, url) from e
     have = _size(part)
@@ -174,7 +175,7 @@ def append_to(url: str, part: Path, chunk_bytes: int = CHUNK_BYTES) -> int:
         except Transient:
             raise
         except Exception as e:  # noqa: BLE001 - as above
-            if not _is_store_error(e):
+            if not is_store_error(e):
                 raise
             raise _classify(e, url) from e
         finally:

@@ -227,7 +227,9 @@ class BucketSync:
                 self.push()
                 if pull_pages:  # rank 0 finalizes: it needs the chunks other nodes committed
                     self.pull(lambda rel: rel.startswith(PAGES_DIR + "/"))
-            except (OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - the store's errors; a bug is re-raised
+                if not objstore.is_store_error(e):
+                    raise
                 # One failed round must not stop the job: the next round retries, and the end
                 # of the job pushes everything once more.
                 log.warning("syncing %s failed (retried next round): %s", self.url, e)
