@@ -57,13 +57,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # rank (or one of its render workers, which inherit this) is waiting.
     faulthandler.register(signal.SIGQUIT, all_threads=True)
     from nougat_dist.store.attempts import AttemptRecord
+    from nougat_dist.store.bucket import BucketSync, is_bucket
 
     nlog.setup(None, 0)
     record: AttemptRecord | None = None
     rc: int | None = None
     reason = "error (see the rank log)"
+    sync = None
     try:
         info = ndist.init(cfg.device, control_backend=cfg.control_backend)
+        if is_bucket(cfg.output):
+            # The job writes a node-local staging dir; BucketSync keeps the bucket in step.
+            sync = BucketSync(cfg.output)
+            sync.start(rank=info.rank, local_rank=info.local_rank,
+                       barrier=lambda: _barrier(info))
+            cfg.output = str(sync.local)
         nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
         if not actions.plan:
             record = AttemptRecord(Path(cfg.output), info.rank, info.world_size, str(info.device))
@@ -84,6 +92,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     finally:
         if record is not None:
             record.end(rc, None if rc is not None else reason)
+        pushed = True
+        if sync is not None:
+            try:
+                done = rc == 0 and (Path(cfg.output) / "stats.json").exists()
+                sync.close(rank=info.rank, complete=done)
+            except OSError as e:
+                pushed = False
+                log.error("could not push the output to %s: %s; run the same command again to "
+                          "push it", sync.url, e)
         ndist.teardown()
         # A render worker left alive by an unforeseen path would hang the exit (it ignores the
         # SIGTERM multiprocessing's exit handler sends before joining it): the job is over here.
@@ -91,6 +108,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             child.kill()
             child.join(5)
         gc.freeze()  # what the run allocated is freed by the exit, not by a last full collection
+        if not pushed and rc == 0:
+            return 1  # noqa: B012 - complete here, but not in the bucket: not a success
+
+
+def _barrier(info) -> None:
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier(group=info.control_group)
 
 
 def _usage() -> str:

@@ -70,10 +70,13 @@ class Config:
 
 FIELD_HELP: dict[str, str] = {
     "input": "PDF files, directories (searched recursively for *.pdf), glob patterns, or list files "
-    "(.txt/.lst: one path per line). Give as many as you like.",
-    "output": "Output directory. Holds manifest.parquet (the resume checkpoint), pages/ (one Parquet "
-    "row per page, committed in chunks), documents.parquet, stats.json and logs/. Run the same "
-    "command again to resume.",
+    "(.txt/.lst: one path per line), archives, URLs, hf:// globs, and s3:// / gs:// objects, "
+    "globs or prefixes ending in / (pip install 'nougat-dist[s3]' / '[gcs]'). Give as many as "
+    "you like.",
+    "output": "Output directory, or an s3:// / gs:// prefix (staged on each node's disk in "
+    "$NOUGAT_DIST_STAGING and pushed to the bucket as chunks commit). Holds manifest.parquet (the "
+    "resume checkpoint), pages/ (one Parquet row per page, committed in chunks), "
+    "documents.parquet, stats.json and logs/. Run the same command again to resume.",
     "checkpoint": "Nougat checkpoint directory. If it does not exist, nougat's own downloader fetches "
     "--model into it (needs internet). Default: $NOUGAT_CHECKPOINT or torch hub's nougat-<model> dir.",
     "model": "Nougat model tag to download when no checkpoint is present (as the nougat CLI's --model).",

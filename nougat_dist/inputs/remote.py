@@ -1,10 +1,12 @@
-"""Remote inputs: HTTP(S) URLs and Hugging Face Hub files, downloaded into a local cache.
+"""Remote inputs: HTTP(S) URLs, Hugging Face Hub files and object stores, downloaded into a local cache.
 
 A remote input is named by a *spec* string, which is also its `Source.source`:
 
 * ``https://host/path/paper.pdf`` (or ``http://``), optionally ``...#sha256=HEX`` to verify it;
 * ``hf://datasets/OWNER/REPO@REV/path/in/repo`` or ``hf://OWNER/REPO@REV/path`` (a model repo):
   one file of a Hub repo. `expand_hf` turns a glob spec into these, pinned to a commit.
+* ``s3://bucket/key``, ``gs://bucket/key`` or any other fsspec protocol (see `objstore`), also
+  with ``#sha256=HEX``; `expand` turns a glob or a ``.../`` prefix into these.
 
 `Downloader.fetch` returns the path of a complete, verified local copy:
 
@@ -15,7 +17,7 @@ A remote input is named by a *spec* string, which is also its `Source.source`:
   only after the size (Content-Length / Content-Range) and the optional sha256 check out, so the
   cache never holds a partial or corrupt file, and two processes fetching the same URL at once
   each write their own part and the second rename replaces identical bytes.
-* A dropped connection resumes with an HTTP Range request from the part's length; the part of a
+* A dropped connection resumes with an HTTP Range request (a ranged object read) from the part's length; the part of a
   process that died is adopted by the next one, so a killed run resumes big downloads too.
 * Only transient failures are retried, with exponential backoff that honours Retry-After:
   connection reset/refused/timeout and HTTP 429, 500, 502, 503, 504. Anything else (404, 403, a
@@ -44,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
+from nougat_dist.inputs import objstore
 from nougat_dist.store.chunks import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,31 @@ def is_hf(spec: str) -> bool:
 
 def is_remote(spec: str) -> bool:
     """Whether a source string names a remote file rather than a local path."""
-    return is_url(spec) or is_hf(spec)
+    return is_url(spec) or is_hf(spec) or objstore.is_objstore(spec)
+
+
+def is_listing(spec: str) -> bool:
+    """Whether a remote spec names many files (an hf:// or object-store glob or prefix) that
+    `expand` lists, rather than one file."""
+    if is_hf(spec):
+        # A bare repo (no path) counts as a glob over all of it.
+        return bool(set("*?[") & set(parse_hf(spec).path or "*"))
+    return objstore.is_objstore(spec) and objstore.is_listing(spec)
+
+
+def expand(spec: str) -> list[str]:
+    """The file specs a listing spec matches (`expand_hf` for the Hub, `objstore.expand` else).
+
+    Raises OSError (store, Hub or network errors) or ValueError (malformed spec, missing package).
+    """
+    return expand_hf(spec) if is_hf(spec) else objstore.expand(spec)
+
+
+def check(spec: str) -> None:
+    """Raise ValueError now if spec cannot be fetched by anything installed (an object-store
+    protocol whose package is missing): a setup error, not an error row per document."""
+    if objstore.is_objstore(spec):
+        objstore.check(split_checksum(spec)[0])
 
 
 def split_checksum(spec: str) -> tuple[str, str | None]:
@@ -123,6 +150,9 @@ def remote_name(spec: str) -> str:
     url, _ = split_checksum(spec)
     if is_hf(url):
         return PurePosixPath(parse_hf(url).path).name
+    if objstore.is_objstore(url):
+        # Object keys are not percent-encoded: a key may hold '%' or '?' literally.
+        return PurePosixPath(url.split("://", 1)[1]).name
     path = urllib.parse.urlsplit(url).path
     return urllib.parse.unquote(PurePosixPath(path).name)
 
@@ -336,7 +366,7 @@ class Downloader:
         headers: dict[str, str] = {}
         if is_hf(url):
             url, headers = _hf_resolve(url)
-        elif not is_url(url):
+        elif not is_url(url) and not objstore.is_objstore(url):
             raise DownloadError(f"not a remote spec: {spec!r}")
         with self._failed_lock:
             failed = self._failed.get(spec)
@@ -456,7 +486,16 @@ class Downloader:
         fsync_dir(final.parent)
 
     def _attempt(self, url: str, part: Path, headers: dict[str, str]) -> None:
-        """One HTTP request, appending to part. Returns when part holds the whole file."""
+        """One HTTP request (or object read), appending to part. Returns when part holds the
+        whole file."""
+        if objstore.is_objstore(url):
+            try:
+                objstore.append_to(url, part, CHUNK_BYTES)
+            except objstore.Transient as e:
+                raise _Transient(str(e)) from e
+            except objstore.Permanent as e:
+                raise DownloadError(f"{url}: {e}") from e
+            return
         have = _size(part)
         req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT,
                                                    "Accept-Encoding": "identity", **headers})

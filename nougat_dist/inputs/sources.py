@@ -109,6 +109,7 @@ def _remote_spec(line: str, where: str) -> str:
     """A list-file line ``URL`` or ``URL SHA256`` as a download spec."""
     parts = line.split()
     try:
+        download.check(parts[0] if parts else line)  # a missing s3fs/gcsfs: fail now, not per row
         if len(parts) == 1:
             download.split_checksum(parts[0])  # validates a #sha256= fragment
             return parts[0]
@@ -141,8 +142,8 @@ def _read_list_file(path: Path) -> list[Source]:
 
 
 def _is_hf_glob(spec: str) -> bool:
-    # A bare repo (no path) counts as a glob over all of it.
-    return download.is_hf(spec) and bool(set("*?[") & set(download.parse_hf(spec).path or "*"))
+    # An hf:// or object-store (s3://, gs://, ...) glob or prefix: listed by download.expand.
+    return download.is_listing(spec)
 
 
 def _download_archives(specs: list[str]) -> None:
@@ -183,13 +184,13 @@ def _remote_sources(spec: str) -> list[Source]:
 def _hf_sources(spec: str) -> list[Source]:
     """The PDFs and archives of a Hub repo matching the spec's glob, like walking a directory."""
     try:
-        files = download.expand_hf(spec)
+        files = download.expand(spec)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot list {spec} on the Hugging Face Hub: {e}") from e
+        raise InputError(f"cannot list {spec}: {e}") from e
     files = [f for f in files if _is_pdf_name(download.remote_name(f))
              or archives.archive_kind(download.remote_name(f)) is not None]
     if not files:
-        raise InputError(f"{spec}: no PDF or archive in the repo matches the glob")
+        raise InputError(f"{spec}: no PDF or archive matches the glob")
     _download_archives(files)
     out: list[Source] = []
     for f in files:
