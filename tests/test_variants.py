@@ -76,6 +76,26 @@ def run_stock(pdfs: list[Path], out: Path, ckpt: Path, full_precision: bool,
             for pdf in pdfs}
 
 
+def check_decode_efficiency(out: Path, tokens: list[int]) -> None:
+    """Every page's batch ran as many steps as its longest page (pages that end with </s>, in
+    document order, BATCH to a batch), and stats.json and `status` report Σ tokens / Σ slots."""
+    import json
+
+    from nougat_dist.store.status import collect, render
+
+    batches = [tokens[i:i + BATCH] for i in range(0, len(tokens), BATCH)]
+    slots = sum(len(b) * max(b) for b in batches)
+    rows = pq.read_table(out / "pages").to_pylist()
+    assert sum(r["batch_steps"] for r in rows) == slots
+    expected = {"efficiency": round(sum(tokens) / slots, 4), "page_tokens": sum(tokens),
+                "batch_slots": slots}
+    assert expected["efficiency"] < 1.0  # the pages differ in length: some slots were padding
+    assert json.loads((out / "stats.json").read_text())["decode"] == expected
+    info = collect(out)
+    assert info["decode"] == expected
+    assert f"efficiency {expected['efficiency']:.3f}" in render(info)
+
+
 def stock_text_of(row: dict, index: int) -> str:
     """What the stock CLI writes for this page: our text, except that the stock CLI numbers a
     page blanked by the repetition check by its global index over all inputs (i * batch + j + 1,
@@ -107,6 +127,7 @@ def test_every_page_equals_stock_cli(variant, precision, variants, tmp_path, mon
         assert statuses == ["ok"] * len(pdfs)
         assert sum(n < EOS_MAX_LENGTH for n in tokens) >= len(pdfs) - 1, tokens
         assert len(set(tokens)) == len(pdfs), tokens
+        check_decode_efficiency(tmp_path / "ours", tokens)
     else:
         # Blanked (looped from the start), failed (looped later) and kept pages, all three.
         assert {"empty", "fail", "ok"} <= set(statuses), statuses
