@@ -173,8 +173,8 @@ END_FRACTION = 0.75
 #:   "loop" -- every page runs to max_length and from a step that grows with the ink
 #:             on emits one token forever, so nougat's repetition check marks light
 #:             pages [MISSING_PAGE_EMPTY] (loop from the start), medium ones
-#:             [MISSING_PAGE_FAIL] and dense ones (loop only near the end) keep their
-#:             text, with the tail cut by nougat's truncate_repetitions.
+#:             [MISSING_PAGE_FAIL]; denser ones keep their text, the looped tail cut
+#:             by nougat's truncate_repetitions, and the densest never loop.
 VARIANTS = ("text", "eos", "loop")
 #: Reserved dims of the variants: the page's stop fraction, written by one
 #: cross-attention head that averages over the whole page (see _shape_stop).

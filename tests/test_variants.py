@@ -21,7 +21,7 @@ BATCH = 4
 #: Lines of box "words" per page, one page per PDF: chosen so that each variant reaches every
 #: branch it is built for in both dtypes (the test checks that they are reached).
 EOS_LINES = [22, 1, 52, 0, 10, 3]  # not in ink order, so length-aware batches differ
-LOOP_LINES = [1, 12, 15, 40]
+LOOP_LINES = [1, 12, 20, 40]  # blanked, failed, kept with its looped tail cut by nougat, kept
 EOS_MAX_LENGTH = 64  # < 135: nougat's repetition check cannot flag a page (every page is `ok`)
 LOOP_MAX_LENGTH = 256  # >= ~170 so a page that loops late is failed, not blanked
 
