@@ -179,11 +179,12 @@ VARIANTS = ("text", "eos", "loop")
 #: Reserved dims of the variants: the page's stop fraction, written by one
 #: cross-attention head that averages over the whole page (see _shape_stop).
 STOP_DIM, ANTI_STOP_DIM = 3, 4
-VARIANT_RESERVED_DIMS = RESERVED_DIMS + (STOP_DIM, ANTI_STOP_DIM)
 #: Token the "loop" variant repeats ("x").
 LOOP_TOKEN = BYTE_OFFSET + ord("x")
 #: Stop fraction of max_length = STOP_AT_NO_INK + STOP_PER_INK * ink coverage (share
-#: of dark pixels, ocr/predict.py); a dense text page has ~0.06-0.1 ink.
+#: of dark pixels, ocr/predict.py) as the head estimates it from the encoder features
+#: (a ridge regression fitted when the checkpoint is built, so only roughly: Spearman
+#: ~0.8 with the true lengths); a dense text page has ~0.06-0.1 ink.
 STOP_AT_NO_INK = {"eos": 0.05, "loop": 0.0}
 STOP_PER_INK = {"eos": 9.0, "loop": 6.0}
 #: Gain of the stop signal in the final layer norm: how fast every other token's logit

@@ -142,7 +142,6 @@ def _model_pages(ckpt: Path, lines: list[int], tmp: Path, dtype):
     """The model (nougat's from_pretrained) and the encoder inputs of the ink pages, rendered
     as the render worker does."""
     import pypdfium2
-    import torch
     from nougat import NougatModel
 
     from nougat_dist.ocr.predict import predict_page
