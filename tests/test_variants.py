@@ -2,9 +2,9 @@
 variants (testing/tiny_checkpoint.py): pages that end with </s> after page-dependent lengths
 ("eos"), and pages that loop so nougat's repetition handling blanks or fails them ("loop").
 
-Both sides run in this process to keep the test fast: the launcher through `cli.main` (what
-launch.py calls) and the stock CLI through its own `predict.main` (what the `nougat` console
-script calls). One page per PDF, so the stock CLI's one .mmd per PDF is one page's output.
+Both sides run in this process to keep the test fast: the launcher's job through `worker.run`
+(what launch.py runs) and the stock CLI through its own `predict.main` (what the `nougat`
+console script calls). One page per PDF, so the stock CLI's one .mmd per PDF is one page's output.
 """
 
 from __future__ import annotations
@@ -51,12 +51,23 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run_ours(pdfs: list[Path], out: Path, ckpt: Path, full_precision: bool) -> dict[str, dict]:
-    """The launcher in this process, one rank, document order; page rows by file name."""
-    from nougat_dist.cli import main
+    """The launcher's job in this process, one rank, document order; page rows by file name.
+
+    worker.run is what launch.py runs once its process is set up; the process-wide setup around
+    it (logging handlers, gc.freeze, killing leftover children) is left out, as it would reach
+    into the test process."""
+    from nougat_dist import dist as ndist
+    from nougat_dist.config import parse_args
+    from nougat_dist.worker import run
 
     args = ["--input", *map(str, pdfs), "--output", str(out), "--checkpoint", str(ckpt),
             "--batch-size", str(BATCH), "--num-workers", "0", "--device", "cpu"]
-    assert main(args + (["--full-precision"] if full_precision else [])) == 0
+    cfg, _ = parse_args(args + (["--full-precision"] if full_precision else []))
+    info = ndist.init(cfg.device, control_backend=cfg.control_backend)
+    try:
+        assert run(cfg, info) == 0
+    finally:
+        ndist.teardown()
     pages = pq.read_table(out / "pages").to_pylist()
     docs = {r["doc_id"]: r for r in pq.read_table(out / "documents.parquet").to_pylist()}
     return {Path(r["source"]).name: {**r, "document": docs[r["doc_id"]]["text"]} for r in pages}
