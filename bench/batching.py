@@ -5,11 +5,20 @@ ratio of Nougat's BPE on English papers), which needs no GPU and no weights. Pre
 the text layer (exact by construction here, so it measures the window alone), ink coverage of the
 rendered page (what a scan gets), and no predictor (document order).
 
-    python bench/batching.py [--json] [--pdfs DIR ...] [--samples N]
+    python bench/batching.py [--json] [--pdfs DIR ...] [--samples N] [--model]
 
 Efficiency = Σ page tokens / Σ (batch size x batch steps), a batch running as many steps as its
 longest page. Pages without a text layer are left out of the simulation (they have no true length
 here); the count is reported.
+
+--model decodes for real, on this CPU, with the tiny checkpoint's "eos" variant (pages end with
+</s> after a number of tokens that grows with their ink; testing/tiny_checkpoint.py) on generated
+scan-like pages: the same rendered pages in document-order and in length-aware batches, the two
+policies interleaved in every repetition. It reports the measured efficiency (each batch's decode
+steps and each page's tokens, as the page rows record them), model pages/s and their ratio, the
+ink predictor's rank correlation with the true lengths, and whether every page's text is the same
+under both policies (it must be: max length < 135, so nougat's batch-level repetition check
+cannot flag a page).
 """
 
 from __future__ import annotations
@@ -99,6 +108,79 @@ def simulate(rows: list[dict], depth: int, max_age: int) -> dict:
     return out
 
 
+def model_bench(n_pages: int, batch_sizes: list[int], reps: int, max_length: int, depth: int,
+                max_age: int, threads: int, seed: int = 0) -> dict:
+    """Real decoding, document order vs length-aware, same pages, interleaved repetitions."""
+    import random
+    import statistics
+    import time
+
+    import torch
+    from nougat import NougatModel
+
+    from nougat_dist.ocr.model import page_results
+    from testing.tiny_checkpoint import build_tiny_checkpoint, write_ink_pages
+
+    torch.set_num_threads(threads)
+    rng = random.Random(seed)
+    # Pages of a scanned book: mostly full, some short (titles, ends of chapters, figures).
+    # The variant's stop step grows with ink and reaches max length near 32 lines of box words,
+    # so this spreads the true lengths over the whole range, as real pages spread over Nougat's.
+    lines = [rng.randint(15, 32) if rng.random() < 0.7 else rng.randint(0, 14)
+             for _ in range(n_pages)]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_tiny_checkpoint(Path(tmp) / "eos", max_length=max_length, variant="eos")
+        model = NougatModel.from_pretrained(ckpt).eval()
+        pad = model.decoder.tokenizer.pad_token_id
+        images, predicted = [], []
+        for pdf in write_ink_pages(Path(tmp) / "pages", lines, seed=seed):
+            doc = pypdfium2.PdfDocument(str(pdf))
+            img = doc[0].render(scale=NOUGAT_DPI / 72).to_pil()
+            predicted.append(predict.predict_page(doc[0], img).tokens)
+            images.append(model.encoder.prepare_input(img, random_padding=False))
+            doc.close()
+
+    def decode(batches: list[list[int]]) -> tuple[float, dict[int, tuple[str, int, int]]]:
+        got = {}
+        t0 = time.perf_counter()
+        for batch in batches:
+            with torch.inference_mode():
+                out = model.inference(image_tensors=torch.stack([images[i] for i in batch]))
+            for i, r in zip(batch, page_results(out, batch, markdown=True, skipping=True,
+                                                pad_token_id=pad)):
+                got[i] = (r.text, r.n_tokens, r.batch_steps)
+        return time.perf_counter() - t0, got
+
+    items = list(zip(range(n_pages), predicted))
+    rows, ratios, same_text, true_len = [], [], True, None
+    for b in batch_sizes:
+        plans = {policy: make_batches(policy, items, b, depth, max_age)
+                 for policy in ("document_order", "length_aware")}
+        times: dict[str, list[float]] = {policy: [] for policy in plans}
+        results: dict[str, dict] = {}
+        for rep in range(reps):
+            order = list(plans) if rep % 2 == 0 else list(plans)[::-1]
+            for policy in order:
+                dt, results[policy] = decode(plans[policy])
+                times[policy].append(dt)
+        same_text &= ({i: t for i, (t, _, _) in results["document_order"].items()}
+                      == {i: t for i, (t, _, _) in results["length_aware"].items()})
+        true_len = [results["document_order"][i][1] for i in range(n_pages)]
+        for policy, got in results.items():
+            tokens = sum(n for _, n, _ in got.values())
+            slots = sum(s for _, _, s in got.values())
+            rows.append({"policy": policy, "batch_size": b, "efficiency": tokens / slots,
+                         "pages_per_s": n_pages / statistics.median(times[policy]),
+                         "seconds": times[policy]})
+        # per-repetition ratio of pages/s (interleaved, so both saw the same machine state)
+        ratios.append({"batch_size": b, "length_aware_over_document_order": statistics.median(
+            d / a for d, a in zip(times["document_order"], times["length_aware"]))})
+    return {"pages": n_pages, "max_length": max_length, "threads": threads, "reps": reps,
+            "depth": depth, "max_age": max_age,
+            "spearman_ink_vs_true": predict.spearman(predicted, true_len or []),
+            "same_text_under_both_policies": same_text, "efficiency": rows, "speed": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -107,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=12, help="generated sample papers to include")
     ap.add_argument("--depth", type=int, default=4, help="window depth in batches")
     ap.add_argument("--max-age", type=int, default=8, help="batches a page may wait at most")
+    ap.add_argument("--model", action="store_true",
+                    help="also decode for real on this CPU with the tiny 'eos' checkpoint variant")
+    ap.add_argument("--model-pages", type=int, default=96, help="pages for --model")
+    ap.add_argument("--model-batch-sizes", type=int, nargs="+", default=[8, 24],
+                    help="batch sizes for --model")
+    ap.add_argument("--model-reps", type=int, default=3, help="interleaved repetitions for --model")
+    ap.add_argument("--model-max-length", type=int, default=128,
+                    help="the variant's max length for --model (< 135: no page can be flagged)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for --model")
     args = ap.parse_args(argv)
 
     from testing.samples import write_sample_pdfs
@@ -125,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     # The headline entries: the real-world set with the text-layer predictor.
     result["efficiency"] = [e for e in result["real_world"]["efficiency"]
                             if e["predictor"] in (None, "text")]
+    if args.model:
+        result["model"] = model_bench(args.model_pages, args.model_batch_sizes, args.model_reps,
+                                      args.model_max_length, args.depth, args.max_age, args.threads)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -137,6 +231,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{e['efficiency']:.3f}")
         print("  depth sweep (text): " + ", ".join(
             f"B={e['batch_size']} d={e['depth']} {e['efficiency']:.3f}" for e in r["depth_sweep"]))
+    if "model" in result:
+        m = result["model"]
+        print(f"model (tiny eos variant, CPU, {m['pages']} pages, max length {m['max_length']}, "
+              f"{m['threads']} thread(s), {m['reps']} interleaved reps): spearman ink vs true "
+              f"{m['spearman_ink_vs_true']:.3f}, same text under both policies: "
+              f"{m['same_text_under_both_policies']}")
+        for e in m["efficiency"]:
+            print(f"  B={e['batch_size']:>2} {e['policy']:<15} efficiency {e['efficiency']:.3f}  "
+                  f"{e['pages_per_s']:.2f} pages/s")
+        for r in m["speed"]:
+            print(f"  B={r['batch_size']:>2} pages/s length-aware / document order: "
+                  f"{r['length_aware_over_document_order']:.2f}x")
     return 0
 
 

@@ -397,6 +397,8 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
         "pages_by_status": counts,
         "failed_pages": failed,
         "duplicate_rows_removed": removed,
+        # Σ page tokens / Σ (batch size x batch decode steps), from the committed page rows
+        "decode": gather.decode_efficiency(out),
         "wall_s": round(wall, 3),
         # from the first rank starting work to the last rank finishing it (setup excluded)
         "makespan_s": round(max(p["work_end"] for p in parts) - min(p["work_start"] for p in parts), 3),

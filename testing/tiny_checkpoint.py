@@ -43,7 +43,14 @@ those into different weights; compare behaviour, not hashes, across machines.
 
 Usage::
 
-    python -m testing.tiny_checkpoint OUT_DIR [--seed N] [--max-length N] [--overwrite]
+    python -m testing.tiny_checkpoint OUT_DIR [--seed N] [--max-length N]
+        [--variant text|eos|loop] [--overwrite]
+
+Variants (``variant=``): "text" is the model described above.  "eos" and "loop"
+reach the branches of nougat's output that "text" never does, page by page and the
+same in any batch: pages that end with ``</s>`` at lengths set by their ink, and pages
+that loop so that nougat's repetition handling blanks or fails them; see
+:func:`_shape_stop`.  tests/test_variants.py compares them with the stock CLI.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -61,9 +69,17 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:  # heavy imports (torch, nougat) are deferred so --help stays fast
     import torch
+    from PIL import Image
     from nougat import NougatModel
 
-__all__ = ["CHECKPOINT_FILES", "build_tiny_checkpoint", "read_tiny_checkpoint_params", "main"]
+__all__ = [
+    "CHECKPOINT_FILES",
+    "VARIANTS",
+    "build_tiny_checkpoint",
+    "read_tiny_checkpoint_params",
+    "write_ink_pages",
+    "main",
+]
 
 #: The files nougat's released checkpoint consists of; ``get_checkpoint`` downloads
 #: into the directory if it holds fewer than five entries.
@@ -147,6 +163,45 @@ FORBIDDEN_BIAS = -100.0
 CALIBRATION_PAGES = 16
 MIN_END_FRACTION = 0.35
 END_FRACTION = 0.75
+
+# --- behaviour variants (see _shape_stop) ---------------------------------------------
+#: "text" is the model above.  The others reproduce, deterministically and per page,
+#: the branches of nougat's output that "text" never reaches:
+#:   "eos"  -- every page ends with </s> after a number of tokens that grows with the
+#:             page's ink (a nearly blank page stops after a few tokens, a dense one
+#:             near max_length);
+#:   "loop" -- every page runs to max_length and from a step that grows with the ink
+#:             on emits one token forever, so nougat's repetition check marks light
+#:             pages [MISSING_PAGE_EMPTY] (loop from the start), medium ones
+#:             [MISSING_PAGE_FAIL]; denser ones keep their text, the looped tail cut
+#:             by nougat's truncate_repetitions, and the densest never loop.
+VARIANTS = ("text", "eos", "loop")
+#: Reserved dims of the variants: the page's stop fraction, written by one
+#: cross-attention head that averages over the whole page (see _shape_stop).
+STOP_DIM, ANTI_STOP_DIM = 3, 4
+#: Token the "loop" variant repeats ("x").
+LOOP_TOKEN = BYTE_OFFSET + ord("x")
+#: Stop fraction of max_length = STOP_AT_NO_INK + STOP_PER_INK * ink coverage (share
+#: of dark pixels, ocr/predict.py) as the head estimates it from the encoder features
+#: (a ridge regression fitted when the checkpoint is built, so only roughly: Spearman
+#: ~0.8 with the true lengths); a dense text page has ~0.06-0.1 ink.
+STOP_AT_NO_INK = {"eos": 0.05, "loop": 0.0}
+STOP_PER_INK = {"eos": 9.0, "loop": 6.0}
+#: Gain of the stop signal in the final layer norm: how fast every other token's logit
+#: falls after the stop step (and how much they all gain, equally, before it).
+STOP_GAIN = 150.0
+#: Random per-step noise on the clock (std, in fractions of max_length).  In "loop" it
+#: makes the top logit before the loop vary by several units from step to step, as a
+#: real page's does; without it nougat's heuristics find the smooth ramp steady too
+#: and blank every looping page instead of failing the ones that loop late.
+STOP_JITTER = {"eos": 0.0, "loop": 0.06}
+#: The stop signal's entries in the token rows, which are also the decoder's input
+#: embeddings: tiny, so the input barely sees them; the final norm scales them back up.
+STOP_ROW = 1e-3
+#: Pages (of 0-55 lines of box "words", see write_ink_pages) the ink regression is
+#: fitted on, and its ridge penalty.
+INK_FIT_PAGES = 64
+INK_FIT_RIDGE = 1e-3
 
 
 def _token_logit_biases() -> list[float]:
@@ -240,9 +295,13 @@ def _architecture(max_length: int) -> dict[str, Any]:
     }
 
 
-def _params(seed: int, max_length: int) -> dict[str, int]:
+def _params(seed: int, max_length: int, variant: str = "text") -> dict[str, Any]:
     """Return the build parameters recorded in config.json under MARKER_KEY."""
-    return {"format_version": FORMAT_VERSION, "seed": seed, "max_length": max_length}
+    params: dict[str, Any] = {"format_version": FORMAT_VERSION, "seed": seed,
+                              "max_length": max_length}
+    if variant != "text":  # "text" builds keep the key set they always had
+        params["variant"] = variant
+    return params
 
 
 def _randn(generator: torch.Generator, shape: Sequence[int], std: float) -> torch.Tensor:
@@ -453,6 +512,7 @@ def _calibrate(
     encoded: torch.Tensor,
     generator: torch.Generator,
     max_length: int,
+    eos_clock: bool = True,
 ) -> None:
     """Tune the output layer on synthetic pages so that every seed behaves alike.
 
@@ -462,7 +522,8 @@ def _calibrate(
     2. Set the clock gain so that ``</s>`` ties with the best other token, on
        average over the synthetic pages, at END_FRACTION of max_length.  Without
        this, where pages end depends on the seed: for some seeds every page runs
-       to max_length, for others pages end after a few tokens.
+       to max_length, for others pages end after a few tokens.  Skipped with
+       ``eos_clock=False`` (the variants set where pages end by other means).
     """
     import torch
 
@@ -486,6 +547,8 @@ def _calibrate(
         rows = rows * (target / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
         rows[EOS_ID] = 0.0
         embeddings[:, free] = rows
+        if not eos_clock:
+            return
 
         # Calibrate on what greedy decoding actually feeds back (its own argmaxes,
         # which the random text above underestimates), with </s> disabled.
@@ -499,6 +562,105 @@ def _calibrate(
             # END_FRACTION > MIN_END_FRACTION; fail loudly rather than save a broken model
             raise AssertionError(f"cannot calibrate </s> (best logit {best}, clock {clock})")
         decoder.layer_norm.weight[[CLOCK_DIM, ANTI_CLOCK_DIM]] = best / clock
+
+
+def _shape_stop(
+    model: NougatModel, generator: torch.Generator, variant: str, max_length: int
+) -> None:
+    """Make every page stop (``</s>``) or loop (LOOP_TOKEN) at a step set by its ink.
+
+    The stop step has to be a property of the page, read by the decoder, and the same
+    for every batch the page may land in.  So:
+
+    * one cross-attention head gets zero queries, i.e. attends uniformly to the whole
+      page, and its value path is a ridge regression, fitted on synthetic pages, from
+      the mean encoder features to the page's ink coverage; its output writes the
+      page's stop fraction f = STOP_AT_NO_INK + STOP_PER_INK * ink into STOP_DIM (and
+      -f into ANTI_STOP_DIM) and nowhere else;
+    * the clock dims carry the plain fraction of max_length, t (and -t);
+    * every token but the stop token reads (f - t) with the same weight, so before
+      the stop step they all gain the same amount (greedy decoding picks the same
+      token as without it) and after it they all fall, step by step, below the stop
+      token, whose logit is exactly 0 (an all-zero row).
+
+    In "eos" the stop token is ``</s>``.  In "loop" it is LOOP_TOKEN and ``</s>`` is
+    never generated: the page repeats one token with a constant top logit, which is
+    what nougat's repetition heuristics look for.
+    """
+    import torch
+
+    from nougat_dist.ocr.predict import ink_coverage  # the ink the render worker measures
+
+    decoder = model.decoder.model.model.decoder
+    layer = decoder.layers[-1]
+    attention = layer.encoder_attn
+    head_dim = attention.head_dim
+    head = slice(attention.embed_dim - head_dim, attention.embed_dim)  # the last head
+    column = head.start
+    pair = [STOP_DIM, ANTI_STOP_DIM]
+    clock = [CLOCK_DIM, ANTI_CLOCK_DIM]
+    with torch.no_grad():
+        rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)))
+        # Every line count from blank to full, half of the pages with real glyphs.
+        images = [
+            _box_text_page(round(55 * i / (INK_FIT_PAGES - 1)), rng, glyphs=i % 2 == 1)
+            for i in range(INK_FIT_PAGES)
+        ]
+        inks = [ink_coverage(image) for image in images]
+        pages = torch.stack(
+            [model.encoder.prepare_input(image, random_padding=False) for image in images]
+        )
+        features = model.encoder(pages).mean(dim=1).double()  # (pages, hidden)
+        ink = torch.tensor(inks, dtype=torch.float64)
+        mean_x, mean_y = features.mean(dim=0), ink.mean()
+        x = features - mean_x
+        gram = x.T @ x + INK_FIT_RIDGE * len(inks) * torch.eye(x.shape[1], dtype=torch.float64)
+        weights = torch.linalg.solve(gram, x.T @ (ink - mean_y))
+        intercept = mean_y - mean_x @ weights
+
+        attention.q_proj.weight[head] = 0.0
+        attention.q_proj.bias[head] = 0.0
+        attention.v_proj.weight[head] = 0.0
+        attention.v_proj.bias[head] = 0.0
+        attention.v_proj.weight[column] = weights.float()
+        attention.v_proj.bias[column] = float(intercept)
+        attention.out_proj.weight[:, head] = 0.0
+        attention.out_proj.weight[pair] = 0.0
+        per_ink, at_no_ink = STOP_PER_INK[variant], STOP_AT_NO_INK[variant]
+        attention.out_proj.weight[STOP_DIM, column] = per_ink
+        attention.out_proj.weight[ANTI_STOP_DIM, column] = -per_ink
+        attention.out_proj.bias[STOP_DIM] = at_no_ink
+        attention.out_proj.bias[ANTI_STOP_DIM] = -at_no_ink
+
+        # Nothing else writes into or reads the stop dims before the final norm.
+        embeddings = decoder.embed_tokens.weight  # == lm_head.weight
+        positions = decoder.embed_positions.weight
+        embeddings[:, pair] = 0.0
+        positions[:, pair] = 0.0
+        decoder.layernorm_embedding.weight[pair] = 0.0
+        decoder.layernorm_embedding.bias[pair] = 0.0
+        for linear in (layer.self_attn.out_proj, layer.fc2):
+            linear.weight[pair] = 0.0
+            linear.bias[pair] = 0.0
+        # The clock as a plain fraction of max_length (rows 0-1 are MBart's offset).
+        fraction = (torch.arange(positions.shape[0], dtype=torch.float32) - 2) / max_length
+        fraction += _randn(generator, fraction.shape, STOP_JITTER[variant])
+        positions[:, CLOCK_DIM] = fraction
+        positions[:, ANTI_CLOCK_DIM] = -fraction
+
+        final = decoder.layer_norm
+        final.weight[clock + pair] = STOP_GAIN / STOP_ROW
+        final.bias[clock + pair] = 0.0
+        # logit += gain/sigma * 2 (f - t) for every token but the stop token.
+        embeddings[:, CLOCK_DIM] = -STOP_ROW
+        embeddings[:, ANTI_CLOCK_DIM] = STOP_ROW
+        embeddings[:, STOP_DIM] = STOP_ROW
+        embeddings[:, ANTI_STOP_DIM] = -STOP_ROW
+        stop = EOS_ID if variant == "eos" else LOOP_TOKEN
+        embeddings[stop] = 0.0
+        if variant == "loop":
+            embeddings[EOS_ID] = 0.0
+            embeddings[EOS_ID, BIAS_DIM] = FORBIDDEN_BIAS / BIAS_SCALE
 
 
 @contextlib.contextmanager
@@ -519,7 +681,7 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _write_checkpoint(directory: Path, seed: int, max_length: int) -> None:
+def _write_checkpoint(directory: Path, seed: int, max_length: int, variant: str) -> None:
     """Write the five checkpoint files into the (empty) ``directory``."""
     import torch
     from nougat import NougatConfig, NougatModel
@@ -545,7 +707,9 @@ def _write_checkpoint(directory: Path, seed: int, max_length: int) -> None:
         encoded = model.encoder(_synthetic_pages(model, generator, CALIBRATION_PAGES))
         _center_cross_attention(model, encoded)
         free = _reserve_dims(model)
-        _calibrate(model, free, encoded, generator, max_length)
+        _calibrate(model, free, encoded, generator, max_length, eos_clock=variant == "text")
+        if variant != "text":
+            _shape_stop(model, generator, variant, max_length)
 
     # Save under the final file name: torch.save's serialization_id hashes the
     # archive's record names, which derive from the file stem.
@@ -556,9 +720,60 @@ def _write_checkpoint(directory: Path, seed: int, max_length: int) -> None:
     # transformers writes the load path here; NougatConfig ignores it on load and
     # from_pretrained overrides it, so keep it empty rather than leak a temp path.
     config_json["_name_or_path"] = ""
-    config_json[MARKER_KEY] = _params(seed, max_length)
+    config_json[MARKER_KEY] = _params(seed, max_length, variant)
     text = json.dumps(config_json, indent=2, sort_keys=True) + "\n"
     (directory / "config.json").write_text(text, encoding="utf-8")
+
+
+def _box_text_page(lines: int, rng: random.Random, glyphs: bool = False) -> Image.Image:
+    """A US-letter page (612 x 792 px) with ``lines`` lines of black box "words", or
+    with ``glyphs`` of random lower-case words in PIL's built-in font."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (612, 792), "white")
+    draw = ImageDraw.Draw(image)
+    y = 60
+    for _ in range(lines):
+        if y > 792 - 60:
+            break
+        x = 60
+        if glyphs:
+            words = ("".join(chr(rng.randint(97, 122)) for _ in range(rng.randint(1, 9)))
+                     for _ in range(14))
+            draw.text((x, y), " ".join(words), fill="black")
+        while not glyphs and x < 540:
+            for _ in range(rng.randint(1, 9)):
+                draw.rectangle([x, y + rng.randint(0, 3), x + rng.randint(2, 4), y + 7], fill="black")
+                x += rng.randint(5, 7)
+            x += rng.randint(4, 8)
+        y += 13
+    return image
+
+
+def write_ink_pages(
+    out_dir: str | os.PathLike[str], lines: Sequence[int], *, seed: int = 0
+) -> list[Path]:
+    """Write one scan-like PDF page per entry of ``lines``; return the paths in order.
+
+    Page i holds ``lines[i]`` lines of black box "words" (no text layer, like a scan),
+    so its ink coverage, and with it where the "eos" and "loop" variants stop, grows
+    with the count.  One page per file: the stock CLI writes one .mmd per PDF, which
+    makes its output comparable page by page.  The files are byte-identical for the
+    same arguments (fixed document dates).
+    """
+    import time
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.gmtime(1_704_067_200)  # 2024-01-01
+    paths = []
+    for index, count in enumerate(lines):
+        image = _box_text_page(count, random.Random(seed * 1_000_003 + index))
+        path = out / f"ink_{index:03d}_{count:02d}lines.pdf"
+        # resolution 72: one pixel per PDF point, i.e. a US-letter page
+        image.save(path, "PDF", resolution=72.0, creationDate=stamp, modDate=stamp)
+        paths.append(path)
+    return paths
 
 
 def read_tiny_checkpoint_params(directory: str | os.PathLike[str]) -> dict[str, int] | None:
@@ -590,6 +805,7 @@ def build_tiny_checkpoint(
     *,
     seed: int = 0,
     max_length: int = 96,
+    variant: str = "text",
     overwrite: bool = False,
 ) -> Path:
     """Write a tiny random-weight Nougat checkpoint into ``out_dir`` and return it.
@@ -614,6 +830,15 @@ def build_tiny_checkpoint(
     400; no page at 96 or 180.  The build greedy-decodes ``max_length`` tokens for
     calibration, so it takes longer for long lengths (~1 s at 96, ~4 s at 400).
 
+    ``variant`` picks how pages end (see VARIANTS and :func:`_shape_stop`): "text"
+    (the default, described above), "eos" (``</s>`` after a number of tokens that
+    grows with the page's ink coverage; keep max_length < 135 for pages that are
+    never flagged by the repetition check) or "loop" (the page repeats one token from
+    an ink-dependent step on: blank or light pages come out as
+    ``[MISSING_PAGE_EMPTY]``, medium ones as ``[MISSING_PAGE_FAIL]``, dense ones keep
+    their text, at max_length 256).  The stop step is a property of the page, not of
+    its batch, but nougat's repetition check is batch-level (README, Fidelity).
+
     Idempotent: if ``out_dir`` already holds a complete checkpoint built with the
     same parameters (recorded in config.json under ``MARKER_KEY``), it is returned
     untouched; a tiny checkpoint with the same seed and max_length from an older
@@ -626,7 +851,7 @@ def build_tiny_checkpoint(
     for a complete one, and concurrent builds of the same parameters are harmless.
 
     Raises:
-        ValueError: ``seed`` or ``max_length`` out of range.
+        ValueError: ``seed``, ``max_length`` or ``variant`` out of range.
         FileExistsError: ``out_dir`` holds a different checkpoint and not ``overwrite``.
         NotADirectoryError: ``out_dir`` exists and is not a directory.
     """
@@ -636,7 +861,9 @@ def build_tiny_checkpoint(
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
 
     out = Path(out_dir)
-    params = _params(seed, max_length)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    params = _params(seed, max_length, variant)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
     if not overwrite:
@@ -647,7 +874,7 @@ def build_tiny_checkpoint(
         # an older format is ours to repair; anything else with a config.json is
         # somebody else's checkpoint.
         ours = existing is not None and all(
-            existing.get(key) == params[key] for key in ("seed", "max_length")
+            existing.get(key) == params.get(key) for key in ("seed", "max_length", "variant")
         )
         if (out / "config.json").exists() and not ours:
             raise FileExistsError(
@@ -660,7 +887,7 @@ def build_tiny_checkpoint(
     # filesystem (atomic per file); it is removed even if the build fails.
     staging = Path(tempfile.mkdtemp(prefix=".tiny-checkpoint-", dir=out))
     try:
-        _write_checkpoint(staging, seed, max_length)
+        _write_checkpoint(staging, seed, max_length, variant)
         written = sorted(path.name for path in staging.iterdir())
         if written != sorted(CHECKPOINT_FILES):
             raise AssertionError(f"unexpected checkpoint files: {written}")
@@ -706,6 +933,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="text",
+        help=(
+            "how pages end (default: %(default)s). text: printable gibberish that usually "
+            "ends with </s> after 65-80%% of max length. eos: </s> after a number of tokens "
+            "that grows with the page's ink (blank page: a few; dense page: near the max "
+            "length). loop: from a step that grows with the ink the page repeats one token "
+            "until max length, so nougat's repetition check blanks light pages "
+            "([MISSING_PAGE_EMPTY]) and fails medium ones ([MISSING_PAGE_FAIL]) when the "
+            "max length is ~170 or more (256 reaches all three outcomes)"
+        ),
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the checkpoint files if OUT_DIR already holds a different checkpoint",
@@ -713,13 +954,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = build_tiny_checkpoint(
-            args.out_dir, seed=args.seed, max_length=args.max_length, overwrite=args.overwrite
+            args.out_dir,
+            seed=args.seed,
+            max_length=args.max_length,
+            variant=args.variant,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError, NotADirectoryError) as error:
         parser.exit(2, f"error: {error}\n")
     print(
         f"tiny Nougat checkpoint with RANDOM weights (seed={args.seed}, "
-        f"max_length={args.max_length}; not an OCR model) is in {out}"
+        f"max_length={args.max_length}, variant={args.variant}; not an OCR model) is in {out}"
     )
     return 0
 

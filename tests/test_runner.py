@@ -22,6 +22,17 @@ def test_missing_page_markers_use_real_page_numbers():
     assert [r.status for r in res] == ["empty", "fail", "empty"]
 
 
+def test_page_tokens_and_batch_steps():
+    # <s> a b </s> | <s> a b c d e (ran to the end) | <s> x <pad>... (truncated by the check)
+    seqs = torch.tensor([[0, 5, 6, 2, 1, 1], [0, 5, 6, 7, 8, 9], [0, 5, 1, 1, 1, 1]])
+    out = {"predictions": ["ab", "abcde", "x"], "repeats": [None, None, 3], "sequences": seqs}
+    res = page_results(out, [1, 2, 3], markdown=False, skipping=True, pad_token_id=1)
+    assert [(r.n_tokens, r.batch_steps) for r in res] == [(4, 6), (6, 6), (2, 6)]
+    # No sequences (a fake model): no counts, rather than made-up ones.
+    fake = page_results(_out(["t"], [None]), [1], markdown=False, skipping=True, pad_token_id=1)
+    assert (fake[0].n_tokens, fake[0].batch_steps) == (None, None)
+
+
 def test_no_skipping_keeps_text_and_markdown_flag():
     out = _out(["(1) \\[x\\]"], [0])
     kept = page_results(out, [1], markdown=False, skipping=False, pad_token_id=None)

@@ -171,4 +171,21 @@ def test_cli(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "random" in capsys.readouterr().out.lower()
+    help_text = capsys.readouterr().out.lower()
+    assert "random" in help_text and "--variant" in help_text
+
+
+def test_variants_are_recorded_rebuilt_and_checked(tmp_path: Path) -> None:
+    out = build_tiny_checkpoint(tmp_path / "eos", seed=0, max_length=24, variant="eos")
+    params = read_tiny_checkpoint_params(out)
+    assert params == {"format_version": FORMAT_VERSION, "seed": 0, "max_length": 24,
+                      "variant": "eos"}
+    # Another variant of the same seed and length is another checkpoint.
+    with pytest.raises(FileExistsError):
+        build_tiny_checkpoint(out, seed=0, max_length=24, variant="loop")
+    with pytest.raises(FileExistsError):
+        build_tiny_checkpoint(out, seed=0, max_length=24)
+    with pytest.raises(ValueError):
+        build_tiny_checkpoint(tmp_path / "x", variant="stutter")
+    model = NougatModel.from_pretrained(out).eval()
+    assert model.config.max_length == 24

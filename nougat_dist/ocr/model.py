@@ -89,6 +89,9 @@ class PageResult:
     text: str
     status: str
     n_tokens: int | None
+    #: Decode steps of the model batch the page was in (its longest output, in tokens, counted
+    #: as n_tokens is): Σ n_tokens / Σ batch_steps over pages is the decode-step efficiency.
+    batch_steps: int | None = None
 
 
 def page_results(output: dict[str, Any], pages: list[int], *, markdown: bool, skipping: bool,
@@ -102,22 +105,23 @@ def page_results(output: dict[str, Any], pages: list[int], *, markdown: bool, sk
 
     results = []
     sequences = output.get("sequences")
+    counted = isinstance(sequences, torch.Tensor) and pad_token_id is not None
+    # Every page of the batch occupied a decode slot for every step the batch ran.
+    steps = int(sequences.shape[1]) if counted else None
     for j, raw in enumerate(output["predictions"]):
         page = pages[j]
-        n_tokens = None
-        if isinstance(sequences, torch.Tensor) and pad_token_id is not None:
-            n_tokens = int((sequences[j] != pad_token_id).sum())
+        n_tokens = int((sequences[j] != pad_token_id).sum()) if counted else None
         repeats = output["repeats"][j]
         if raw.strip() == "[MISSING_PAGE_POST]":
-            results.append(PageResult(f"\n\n[MISSING_PAGE_EMPTY:{page}]\n\n", "empty", n_tokens))
+            text, status = f"\n\n[MISSING_PAGE_EMPTY:{page}]\n\n", "empty"
         elif skipping and repeats is not None:
             if repeats > 0:
-                results.append(PageResult(f"\n\n[MISSING_PAGE_FAIL:{page}]\n\n", "fail", n_tokens))
+                text, status = f"\n\n[MISSING_PAGE_FAIL:{page}]\n\n", "fail"
             else:
-                results.append(PageResult(f"\n\n[MISSING_PAGE_EMPTY:{page}]\n\n", "empty", n_tokens))
+                text, status = f"\n\n[MISSING_PAGE_EMPTY:{page}]\n\n", "empty"
         else:
-            text = markdown_compatible(raw) if markdown else raw
-            results.append(PageResult(text, "ok", n_tokens))
+            text, status = (markdown_compatible(raw) if markdown else raw), "ok"
+        results.append(PageResult(text, status, n_tokens, steps))
     return results
 
 

@@ -82,8 +82,9 @@ def page_row(entry: DocEntry, page: int, *, rank: int, model_id: str, dtype: str
                            "page": page, "rank": rank, "model": model_id, "dtype": dtype,
                            "elapsed_ms": elapsed_ms}
     if result is not None:
-        row.update(text=result.text, status=result.status, error=None, n_tokens=result.n_tokens)
+        row.update(text=result.text, status=result.status, error=None, n_tokens=result.n_tokens,
+                   batch_steps=result.batch_steps)
     else:
         row.update(text="", status="error" if page == 0 else "render_error", error=error,
-                   n_tokens=None)
+                   n_tokens=None, batch_steps=None)
     return row

@@ -29,6 +29,7 @@ PAGES_SCHEMA = pa.schema([
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
     pa.field("n_tokens", pa.int32()),
+    pa.field("batch_steps", pa.int32()),  # decode steps of the page's model batch
     pa.field("elapsed_ms", pa.float32()),
     pa.field("rank", pa.int16(), nullable=False),
     pa.field("model", pa.string(), nullable=False),

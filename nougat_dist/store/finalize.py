@@ -110,3 +110,19 @@ def status_counts(out_dir: Path) -> dict[str, int]:
     for s in statuses:
         counts[s] += 1
     return dict(counts)
+
+
+def decode_efficiency(out_dir: Path) -> dict[str, float | int | None]:
+    """Σ page tokens / Σ (batch size x batch steps) over the committed pages that carry both.
+
+    A model batch decodes until its longest page stops, so each of its pages holds a decode slot
+    for every step: summed over pages, `batch_steps` is Σ (batch size x steps). 1.0 means no
+    slot decoded padding; None when no page has the counts (a fake model, chunks from before).
+    """
+    table = read_pages(out_dir, ["n_tokens", "batch_steps"])
+    both = pc.and_(pc.is_valid(table["n_tokens"]), pc.is_valid(table["batch_steps"]))
+    table = table.filter(both)
+    tokens = int(pc.sum(table["n_tokens"]).as_py() or 0)
+    slots = int(pc.sum(table["batch_steps"]).as_py() or 0)
+    return {"efficiency": round(tokens / slots, 4) if slots else None,
+            "page_tokens": tokens, "batch_slots": slots}

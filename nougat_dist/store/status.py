@@ -99,7 +99,15 @@ def collect(out: Path) -> dict[str, Any]:
                                  else None),
         "pages_per_s": live.get("pages_per_s"), "eta_s": live.get("eta_s") if state == "running" else None,
         "per_rank": live.get("per_rank", []),
+        "decode": _decode(out),
     }
+
+
+def _decode(out: Path) -> dict[str, Any]:
+    """Decode-step efficiency of the committed pages (store/finalize.decode_efficiency)."""
+    from nougat_dist.store.finalize import decode_efficiency
+
+    return decode_efficiency(out)
 
 
 def render(info: dict[str, Any]) -> str:
@@ -117,6 +125,10 @@ def render(info: dict[str, Any]) -> str:
     if info["pages_per_s"] is not None:
         lines.append(f"  speed      {info['pages_per_s']} pages/s"
                      + (f", ETA {eta / 60:.1f} min" if eta else ""))
+    decode = info.get("decode") or {}
+    if decode.get("efficiency") is not None:
+        lines.append(f"  decode     efficiency {decode['efficiency']:.3f} ({decode['page_tokens']} "
+                     f"page tokens / {decode['batch_slots']} batch slots)")
     if info["per_rank"]:
         lines.append("  rank   pages   pages/s  failed")
         for r in info["per_rank"]:
