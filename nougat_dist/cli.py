@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     rc: int | None = None
     reason = "error (see the rank log)"
     try:
-        info = ndist.init(cfg.device, control_backend=cfg.control_backend)
+        info = ndist.init(cfg.device, control_backend=cfg.control_backend,
+                          timeout_s=ndist.collective_timeout_s(cfg.collective_timeout,
+                                                               cfg.render_timeout,
+                                                               cfg.num_workers, cfg.batch_size))
         nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
         if not actions.plan:
             record = AttemptRecord(Path(cfg.output), info.rank, info.world_size, str(info.device))
