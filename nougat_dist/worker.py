@@ -248,14 +248,13 @@ class Worker:
                     len(set(pending) - set(guilty)))
         discard_workers(self._it)
         self._it = None
-        if not guilty:
-            self._blind_recoveries += 1
-            if self._blind_recoveries >= MAX_BLIND_RECOVERIES:
-                raise SetupError(
-                    f"render workers died {self._blind_recoveries} times in a row between pages "
-                    f"(exit codes {[c for _, c in dead]}), so no PDF is to blame: check this "
-                    "node's memory (the kernel log names processes the OOM killer ended) and "
-                    "/dev/shm, or lower --num-workers / --prefetch-factor / --batch-size")
+        self._blind_recoveries = 0 if guilty else self._blind_recoveries + 1
+        if self._blind_recoveries >= MAX_BLIND_RECOVERIES:
+            raise SetupError(
+                f"render workers died {self._blind_recoveries} times in a row between pages "
+                f"(exit codes {[c for _, c in dead]}), so no PDF is to blame: check this "
+                "node's memory (the kernel log names processes the OOM killer ended) and "
+                "/dev/shm, or lower --num-workers / --prefetch-factor / --batch-size")
         self.dataset.failed.update(guilty)
         self._retry = pending
         self.watch.reset()
