@@ -47,6 +47,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: Render workers dying this many times in a row outside any page (so no page to blame) is a
 #: broken node (memory, /dev/shm), not a bad PDF.
 MAX_BLIND_RECOVERIES = 3
+#: How long a failed wait for a batch looks for the render worker that is dying.
+WORKER_EXIT_WAIT_S = 5.0
 
 
 class StopFlag:
@@ -219,10 +221,13 @@ class Worker:
             self._it = iterate(self.loader)
         try:
             batch = next(self._it, None)
-        except RuntimeError as e:
-            if is_poll_timeout(e):
+        except (RuntimeError, OSError, EOFError) as e:
+            if isinstance(e, RuntimeError) and is_poll_timeout(e):
                 return None
-            dead = dead_workers(self._it)
+            # A batch's tensors come through the sending worker (their file descriptors are
+            # fetched from it), so a worker dying just then surfaces as a connection error,
+            # sometimes before the worker is seen dead: give it a moment to be reaped.
+            dead = dead_workers(self._it, wait_s=WORKER_EXIT_WAIT_S)
             if not dead:
                 raise
             self._recover_render(dead)

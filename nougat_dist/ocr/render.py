@@ -391,10 +391,16 @@ def is_poll_timeout(e: RuntimeError) -> bool:
     return str(e).startswith("DataLoader timed out after")
 
 
-def dead_workers(it: object) -> list[tuple[int, int | None]]:
-    """(worker id, exit code) of each render worker of iterator `it` that is no longer alive."""
-    return [(i, w.exitcode) for i, w in enumerate(getattr(it, "_workers", []))
-            if not w.is_alive()]
+def dead_workers(it: object, wait_s: float = 0.0) -> list[tuple[int, int | None]]:
+    """(worker id, exit code) of each render worker of iterator `it` that is no longer alive,
+    waiting up to `wait_s` seconds for one to be."""
+    workers = list(getattr(it, "_workers", []))
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [(i, w.exitcode) for i, w in enumerate(workers) if not w.is_alive()]
+        if dead or not workers or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
 
 
 def death_reason(page: int, exitcode: int | None, page_timeout: float) -> str:
