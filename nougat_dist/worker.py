@@ -26,7 +26,7 @@ from nougat_dist.errors import SetupError
 from nougat_dist.ocr.render import (POLL_S, Batch, EncoderInput, LiveBatchSampler, PageDataset,
                                     RenderWatch, check_shm, close_loader, dead_workers,
                                     death_reason, discard_workers, is_poll_timeout, iterate,
-                                    make_loader, shm_free, shm_needed)
+                                    make_loader, pin_thread_alive, shm_free, shm_needed)
 from nougat_dist.sched.queue import ClaimQueue
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, plan_steals,
@@ -223,13 +223,17 @@ class Worker:
             batch = next(self._it, None)
         except (RuntimeError, OSError, EOFError) as e:
             if isinstance(e, RuntimeError) and is_poll_timeout(e):
-                return None
+                if pin_thread_alive(self._it):
+                    return None
+                # On CUDA the pin-memory thread fetches the batches; it ends on the same
+                # connection error, after which the wait would only ever time out.
+                e = RuntimeError("the DataLoader's pin-memory thread ended unexpectedly")
             # A batch's tensors come through the sending worker (their file descriptors are
             # fetched from it), so a worker dying just then surfaces as a connection error,
             # sometimes before the worker is seen dead: give it a moment to be reaped.
             dead = dead_workers(self._it, wait_s=WORKER_EXIT_WAIT_S)
             if not dead:
-                raise
+                raise e
             self._recover_render(dead)
             return None
         if batch is None:

@@ -316,3 +316,45 @@ def test_status_vector_round_trips_through_the_wire_format():
     assert RankStatus.decode(s.encode()) == s
     with pytest.raises(ValueError):
         RankStatus.decode([0, 1])
+
+
+class _Proc:
+    def __init__(self, alive: bool, exitcode: int | None = None) -> None:
+        self._alive, self.exitcode = alive, exitcode
+
+    def is_alive(self) -> bool:
+        return self._alive
+
+
+class _Thread:
+    def is_alive(self) -> bool:
+        return False
+
+
+class _TimedOutIter:
+    """A DataLoader iterator on CUDA whose pin-memory thread has ended: every wait times out."""
+
+    def __init__(self, workers: list[_Proc]) -> None:
+        self._workers, self._pin_memory_thread = workers, _Thread()
+
+    def __next__(self):
+        raise RuntimeError("DataLoader timed out after 1.0 seconds")
+
+
+def test_a_dead_pin_memory_thread_is_not_waited_on_forever(sample_pdfs, tmp_path, monkeypatch):
+    """On CUDA a worker dying while its batch is fetched also ends the pin-memory thread, and
+    every later wait only times out: that is a recovery when a worker is dead, else an error."""
+    import nougat_dist.worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "WORKER_EXIT_WAIT_S", 0.1)
+    monkeypatch.setattr(worker_mod, "discard_workers", lambda it: None)
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs[:1], out, world_size=1, unit_pages=2)
+    w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1)
+    claimed = w._claim()
+    w._it = _TimedOutIter([_Proc(True)])
+    with pytest.raises(RuntimeError, match="pin-memory thread ended"):
+        w._next_batch()
+    w._it = _TimedOutIter([_Proc(False, -9)])
+    assert w._next_batch() is None
+    assert w.stats.render_recoveries == 1 and w._retry == claimed and w._it is None

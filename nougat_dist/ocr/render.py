@@ -391,6 +391,12 @@ def is_poll_timeout(e: RuntimeError) -> bool:
     return str(e).startswith("DataLoader timed out after")
 
 
+def pin_thread_alive(it: object) -> bool:
+    """Whether the pin-memory thread of iterator `it` runs (True where it has none)."""
+    thread = getattr(it, "_pin_memory_thread", None)
+    return thread is None or thread.is_alive()
+
+
 def dead_workers(it: object, wait_s: float = 0.0) -> list[tuple[int, int | None]]:
     """(worker id, exit code) of each render worker of iterator `it` that is no longer alive,
     waiting up to `wait_s` seconds for one to be."""
