@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     reason = "error (see the rank log)"
     sync = None
     try:
-        info = ndist.init(cfg.device, control_backend=cfg.control_backend)
+        info = ndist.init(cfg.device, control_backend=cfg.control_backend,
+                          timeout_s=ndist.collective_timeout_s(cfg.collective_timeout,
+                                                               cfg.render_timeout,
+                                                               cfg.num_workers, cfg.batch_size))
         if is_bucket(cfg.output):
             # The job writes a node-local staging dir; BucketSync keeps the bucket in step.
             sync = BucketSync(cfg.output)

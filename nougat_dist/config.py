@@ -27,6 +27,7 @@ class Config:
     num_workers: int = 2
     prefetch_factor: int = 2
     render_timeout: float = 120.0
+    collective_timeout: float = 0.0
     full_precision: bool = False
     markdown: bool = True
     skipping: bool = True
@@ -54,6 +55,9 @@ class Config:
             raise ConfigError(f"--prefetch-factor must be >= 1, got {self.prefetch_factor}")
         if self.render_timeout <= 0:
             raise ConfigError(f"--render-timeout must be > 0 seconds, got {self.render_timeout}")
+        if self.collective_timeout < 0:
+            raise ConfigError(f"--collective-timeout must be >= 0 seconds (0 = automatic), got "
+                              f"{self.collective_timeout}")
         if self.unit_pages < 1:
             raise ConfigError(f"--unit-pages must be >= 1, got {self.unit_pages}")
         if self.commit_pages < 1:
@@ -85,9 +89,18 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "DataLoader worker processes per rank that render pages ahead of the model "
     "(0 = render in the main process).",
     "prefetch_factor": "Batches each DataLoader worker prepares ahead.",
-    "render_timeout": "Seconds one page may take to render. A page that hangs or crashes the "
-    "renderer (hostile PDFs can do both) becomes a render_error row; the job goes on. Needs "
-    "--num-workers >= 1.",
+    "render_timeout": "Seconds one page may take to render (open, rasterize, prepare_input). A "
+    "page that takes longer is stopped inside its render worker, and a page that crashes the "
+    "renderer kills only that worker (hostile PDFs can do both): either way that page becomes a "
+    "render_error row, the rank's other pages are rendered again by fresh workers, and the job goes "
+    "on. Needs --num-workers >= 1.",
+    "collective_timeout": "Seconds a rank waits for the other ranks in one collective (a status "
+    "round, the plan broadcast, a barrier) before the job fails. 0 = automatic: 1800. Rendering "
+    "does not count against it: while pages render the rank keeps trading status rounds (it "
+    "checks its render workers every second), and a page over --render-timeout is stopped in its "
+    "worker; so it has to cover the longest model batch, model load and manifest build. With "
+    "--num-workers 0 pages render inside the rank between two rounds, and automatic adds "
+    "--render-timeout x the batch size (64 when automatic).",
     "full_precision": "Run the model in float32 instead of bfloat16 (same meaning as the nougat CLI).",
     "markdown": "Apply nougat's markdown_compatible postprocessing (default on; --no-markdown as the CLI).",
     "skipping": "Apply nougat's failure-detection heuristic (default on; --no-skipping as the CLI).",

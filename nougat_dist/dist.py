@@ -44,6 +44,8 @@ class DistInfo:
     local_world_size: int = 1
     #: backend of the default group ("" when world_size == 1)
     backend: str = ""
+    #: how long a collective waits for the other ranks (seconds)
+    timeout_s: float = 0.0
 
     @property
     def is_main(self) -> bool:
@@ -118,7 +120,32 @@ def pick_device(requested: str, local_rank: int, env: Mapping[str, str] | None =
     return torch.device("cpu")
 
 
-def init(device: str = "auto", timeout_s: float = 1800.0, control_backend: str = "auto") -> DistInfo:
+#: The collective timeout when rendering cannot delay a status round (render workers in use).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+#: The batch size assumed for --num-workers 0 with an automatic batch size (nougat's rule gives
+#: 0.3 pages per GB: 64 covers a 213 GB GPU).
+AUTO_BATCH_BOUND = 64
+
+
+def collective_timeout_s(requested: float, render_timeout: float, num_workers: int,
+                         batch_size: int) -> float:
+    """Seconds a collective waits for the other ranks (`--collective-timeout`; 0 = automatic).
+
+    A peer's collective fails when this rank goes that long without posting a status round. With
+    render workers the rank waits for rendering at most POLL_S at a time and keeps posting, and a
+    page over `render_timeout` is stopped in its worker: rendering never stretches the gap, which
+    is one model batch at most. Without workers (num_workers 0) the rank renders a whole batch
+    between two rounds, each page allowed `render_timeout`: that is added.
+    """
+    if requested > 0:
+        return requested
+    if num_workers > 0:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    return DEFAULT_COLLECTIVE_TIMEOUT_S + render_timeout * (batch_size or AUTO_BATCH_BOUND)
+
+
+def init(device: str = "auto", timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+         control_backend: str = "auto") -> DistInfo:
     """Join the job's process group (if started by torchrun) and pick this rank's device.
 
     The device is selected with torch.cuda.set_device before any model or communicator exists:
@@ -135,7 +162,7 @@ def init(device: str = "auto", timeout_s: float = 1800.0, control_backend: str =
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size == 1:
-        return DistInfo(rank=0, local_rank=0, world_size=1, device=dev)
+        return DistInfo(rank=0, local_rank=0, world_size=1, device=dev, timeout_s=timeout_s)
     backend = "nccl" if dev.type == "cuda" and control_backend == "auto" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     # device_id binds the NCCL communicator to this rank's GPU (eager init): the barriers and
@@ -144,7 +171,7 @@ def init(device: str = "auto", timeout_s: float = 1800.0, control_backend: str =
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     log.debug("rank %d/%d joined (%s, device %s)", rank, world_size, backend, dev)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
-                    local_world_size=local_world, backend=backend)
+                    local_world_size=local_world, backend=backend, timeout_s=timeout_s)
 
 
 def describe(info: DistInfo) -> str:
@@ -159,8 +186,9 @@ def describe(info: DistInfo) -> str:
         nccl = nccl_version()
         if nccl:
             versions += f", NCCL {nccl}"
+    timeout = f" (collective timeout {info.timeout_s:g}s)" if info.distributed else ""
     return (f"host {platform.node()} rank {info.rank}/{info.world_size} device {dev} "
-            f"backend {info.backend or 'none'}; {versions}")
+            f"backend {info.backend or 'none'}{timeout}; {versions}")
 
 
 def nccl_version() -> str | None:

@@ -22,9 +22,11 @@ from nougat_dist.ocr.model import (CpuThreads, FakeModel, checkpoint_name, encod
                                    load_model)
 from nougat_dist.ocr.pages import PageRunner, RankStats, page_row
 from nougat_dist.ocr.nltk_words import _silence_nltk_download
-from nougat_dist.ocr.render import (Batch, EncoderInput, LiveBatchSampler, PageDataset, check_shm,
-                                    close_loader, collate, discard_workers, make_loader,
-                                    render_isolated, shm_free, shm_needed)
+from nougat_dist.errors import SetupError
+from nougat_dist.ocr.render import (POLL_S, Batch, EncoderInput, LiveBatchSampler, PageDataset,
+                                    RenderWatch, check_shm, close_loader, dead_workers,
+                                    death_reason, discard_workers, is_poll_timeout, iterate,
+                                    make_loader, pin_thread_alive, shm_free, shm_needed)
 from nougat_dist.sched.queue import ClaimQueue
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, plan_steals,
@@ -42,6 +44,11 @@ EXIT_OK = 0
 #: Stopped on request (SIGTERM/SIGUSR1/SIGINT) after committing: run the same command to resume.
 EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: Render workers dying this many times in a row outside any page (so no page to blame) is a
+#: broken node (memory, /dev/shm), not a bad PDF.
+MAX_BLIND_RECOVERIES = 3
+#: How long a failed wait for a batch looks for the render worker that is dying.
+WORKER_EXIT_WAIT_S = 5.0
 
 
 class StopFlag:
@@ -94,10 +101,13 @@ class Worker:
         self.stats = RankStats(rank=rank)
         self.queue = ClaimQueue(plan.queues, rank, plan.units, _DocIds(plan.docs),
                                 unit_weights(plan), plan.skip_set())
-        self.dataset = PageDataset(plan.docs, encoder_input)
+        self.watch = RenderWatch(cfg.num_workers)
+        self.dataset = PageDataset(plan.docs, encoder_input, cfg.render_timeout, self.watch)
         self.sampler = LiveBatchSampler(self._claim, batch_size)
         self.loader = self._new_loader()
         self._it: Any = None
+        self._retry: list[tuple[int, int]] = []  # claimed pages to render again, before new units
+        self._blind_recoveries = 0
         self.runner: PageRunner | None = None
         self.threads: CpuThreads | None = None
         self.status: list[list[int]] = []
@@ -106,6 +116,9 @@ class Worker:
         self._last_status_write = 0.0
 
     def _claim(self) -> list[tuple[int, int]] | None:
+        if self._retry:
+            keys, self._retry = self._retry, []
+            return keys
         claim = self.queue.claim()
         if claim is None:
             return None
@@ -116,7 +129,7 @@ class Worker:
     def _new_loader(self) -> torch.utils.data.DataLoader:
         return make_loader(self.dataset, self.sampler, self.cfg.num_workers,
                            self.cfg.prefetch_factor, pin_memory=self.device.type == "cuda",
-                           timeout=self.cfg.render_timeout * self.batch_size)
+                           poll_s=POLL_S)
 
     def _close_loader(self) -> None:
         close_loader(self.loader)
@@ -130,7 +143,7 @@ class Worker:
             # loads: the pipeline is full when the model is ready, and the workers do not inherit
             # the model. No collective is in flight here: a fork copies whatever locks a
             # background thread holds.
-            self._it = iter(self.loader)
+            self._it = iterate(self.loader)
             model = self._load()
             if self.cpu_cores is not None:
                 self.threads = CpuThreads(self.cpu_cores)
@@ -146,7 +159,7 @@ class Worker:
                     # the wait.
                     self.writer.commit()
                     committed_on_stop = True
-                idle = self._it is None and self.queue.exhausted
+                idle = self._it is None and self.queue.exhausted and not self._retry
                 if idle or self.rounds.ready():
                     if self._sync_round(idle):
                         break
@@ -198,33 +211,64 @@ class Worker:
         return False
 
     def _next_batch(self) -> Batch | None:
-        """The next rendered batch, or None (queue drained for now, or the workers were replaced)."""
+        """The next rendered batch, or None: none ready within POLL_S (the loop gets on with
+        rounds and looks again), the queue drained for now, or the workers were replaced.
+
+        A render worker that died (a crash, or its page's timer) is found here, wherever the rank
+        was when it happened; waiting here never lasts longer than POLL_S, so a slow or hung
+        page never holds up a status round."""
         if self._it is None:
-            self._it = iter(self.loader)
+            self._it = iterate(self.loader)
         try:
             batch = next(self._it, None)
-        except RuntimeError as e:
-            self._recover_render(e)
+        except (RuntimeError, OSError, EOFError) as e:
+            if isinstance(e, RuntimeError) and is_poll_timeout(e):
+                if pin_thread_alive(self._it):
+                    return None
+                # On CUDA the pin-memory thread fetches the batches; it ends on the same
+                # connection error, after which the wait would only ever time out.
+                e = RuntimeError("the DataLoader's pin-memory thread ended unexpectedly")
+            # A batch's tensors come through the sending worker (their file descriptors are
+            # fetched from it), so a worker dying just then surfaces as a connection error,
+            # sometimes before the worker is seen dead: give it a moment to be reaped.
+            dead = dead_workers(self._it, wait_s=WORKER_EXIT_WAIT_S)
+            if not dead:
+                raise e
+            self._recover_render(dead)
             return None
         if batch is None:
             self._it = None
+        else:
+            self._blind_recoveries = 0
         return batch
 
-    def _recover_render(self, e: RuntimeError) -> None:
-        # A render worker died or a batch took longer than the render timeout (a hostile PDF can
-        # hang or crash pdfium). Drop the workers and redo every claimed page one at a time, each
-        # in a process of its own: only the guilty page is lost.
+    def _recover_render(self, dead: list[tuple[int, int | None]]) -> None:
+        """Replace the render workers after some died; the page a dead worker was on becomes a
+        render_error row, every other claimed page is rendered again by the new workers."""
+        guilty = {}
+        for worker_id, exitcode in dead:
+            key = self.watch.current(worker_id)
+            if key is not None:
+                guilty[key] = death_reason(key[1], exitcode, self.cfg.render_timeout)
         pending = self.queue.in_flight()
-        log.warning("render workers failed (%s); isolating the %d claimed page(s)",
-                    str(e).splitlines()[0], len(pending))
+        log.warning("render worker(s) %s died (exit codes %s) on page(s) %s; rendering the other "
+                    "%d claimed page(s) again", [w for w, _ in dead], [c for _, c in dead],
+                    [f"{self.plan.docs[d].source}:{p}" for d, p in guilty] or "none",
+                    len(set(pending) - set(guilty)))
         discard_workers(self._it)
         self._it = None
+        self._blind_recoveries = 0 if guilty else self._blind_recoveries + 1
+        if self._blind_recoveries >= MAX_BLIND_RECOVERIES:
+            raise SetupError(
+                f"render workers died {self._blind_recoveries} times in a row between pages "
+                f"(exit codes {[c for _, c in dead]}), so no PDF is to blame: check this "
+                "node's memory (the kernel log names processes the OOM killer ended) and "
+                "/dev/shm, or lower --num-workers / --prefetch-factor / --batch-size")
+        self.dataset.failed.update(guilty)
+        self._retry = pending
+        self.watch.reset()
         self.loader = self._new_loader()
         self.stats.render_recoveries += 1
-        for i in range(0, len(pending), self.batch_size):
-            items = [render_isolated(self.dataset, k, self.cfg.render_timeout)
-                     for k in pending[i:i + self.batch_size]]
-            self._process(collate(items))
 
     def _process(self, batch: Batch) -> None:
         """Run the model on a batch's rendered pages and hand every page's row to the writer."""

@@ -230,3 +230,45 @@ def test_shm_too_small_is_a_setup_error_that_says_what_to_do():
     render.check_shm(need, 1, 0, 2)  # no workers: nothing goes through /dev/shm
     render.check_shm(need, None, 2, 2)  # no /dev/shm to check (not Linux)
     assert render.shm_free("/nonexistent-shm") is None
+
+
+# --- timeouts: a hung page never makes a peer's collective time out -------------------------------
+
+def test_collective_timeout_is_the_flag_or_derived_from_how_ranks_render():
+    assert ndist.collective_timeout_s(600, 120, 2, 8) == 600  # the flag wins
+    # render workers: the rank polls them and keeps posting rounds, rendering adds nothing
+    assert ndist.collective_timeout_s(0, 120, 2, 8) == ndist.DEFAULT_COLLECTIVE_TIMEOUT_S
+    assert ndist.collective_timeout_s(0, 9999, 1, 8) == ndist.DEFAULT_COLLECTIVE_TIMEOUT_S
+    # no workers: a whole batch renders between two rounds
+    assert ndist.collective_timeout_s(0, 120, 0, 8) == ndist.DEFAULT_COLLECTIVE_TIMEOUT_S + 960
+    assert ndist.collective_timeout_s(0, 10, 0, 0) == \
+        ndist.DEFAULT_COLLECTIVE_TIMEOUT_S + 10 * ndist.AUTO_BATCH_BOUND
+
+
+def test_hung_page_in_a_two_rank_run_is_an_error_row_and_no_collective_times_out(tmp_path):
+    """Collectives time out after 20 s; the hung page is stopped after 4 s. Before, the rank
+    waited render timeout x batch (4 x 8 = 32 s) for the batch without posting a status round,
+    so its idle peer's round failed at 20 s and the job crashed."""
+    import pandas as pd
+
+    from conftest import stats
+    from testing.samples import write_sample_pdfs
+
+    pdfs = write_sample_pdfs(tmp_path / "in", n_docs=2, seed=0)
+    out = tmp_path / "out"
+    proc = run_launch(["--input", str(tmp_path / "in"), "--output", str(out), "--device", "cpu",
+                       "--test-fake-model", "delay=0.1", "--num-workers", "1", "--batch-size", "8",
+                       "--unit-pages", "2", "--render-timeout", "4", "--collective-timeout", "20"],
+                      nproc=2, env={"NOUGAT_DIST_FAULT": f"render-hang:{pdfs[0].name}:2"},
+                      timeout=300)
+    assert "collective timeout 20s" in proc.stderr
+    df = pd.read_parquet(out / "pages")
+    bad = df[df.status != "ok"]
+    assert [(s, p, st) for s, p, st in zip(bad.source, bad.page, bad.status)] == [
+        (str(pdfs[0]), 2, "render_error")]
+    assert "did not finish within 4s" in bad.error.iloc[0]
+    assert len(df) == pd.read_parquet(out / "manifest.parquet").n_pages.sum() == 9
+    assert len(set(zip(df.doc_id, df.page))) == len(df)
+    s = stats(out)
+    assert s["world_size"] == 2 and s["failed_pages"] == 1
+    assert sum(r["render_recoveries"] for r in s["per_rank"]) == 1

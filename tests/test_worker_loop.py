@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from nougat_dist import faults
 from nougat_dist.config import Config
+from nougat_dist.errors import SetupError
 from nougat_dist.inputs.sources import discover
 from nougat_dist.ocr.model import FakeModel
 from nougat_dist.ocr.render import EncoderInput
@@ -82,9 +85,11 @@ def make_plan(pdfs: list[Path], out: Path, world_size: int, unit_pages: int) -> 
 
 def make_worker(plan: Plan, out: Path, rank: int, rounds: object, *, delay: float = 0.0,
                 stop: object = NoStop(), num_workers: int = 0, batch_size: int = 2,
-                commit_pages: int = 1, model: object | None = None) -> Worker:
+                commit_pages: int = 1, model: object | None = None,
+                render_timeout: float = 20) -> Worker:
     cfg = Config(input=["x"], output=str(out), num_workers=num_workers, batch_size=batch_size,
-                 commit_pages=commit_pages, render_timeout=20, test_fake_model="delay=0")
+                 commit_pages=commit_pages, render_timeout=render_timeout,
+                 test_fake_model="delay=0")
     writer = ChunkWriter(out, rank, commit_pages, commit_seconds=3600)
     m = model if model is not None else FakeModel(f"delay={delay}", rank)
     return Worker(cfg, plan, rank=rank, world_size=len(plan.queues), load=lambda: m,
@@ -189,9 +194,167 @@ def test_render_crash_costs_only_the_guilty_page(sample_pdfs, tmp_path, monkeypa
     check_chunks_hold_whole_units(out)
 
 
+# --- a render worker dies or hangs wherever the loop is -------------------------------------------
+
+def _exited(pid: int) -> bool:
+    """Whether child process `pid` has ended (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class FaultAt:
+    """Holds the render fault's page at its gate (faults.GATE_ENV) until the loop first reaches
+    `point`, then opens the gate there and keeps the loop at that point until the render worker
+    has died: the death lands there and nowhere else."""
+
+    def __init__(self, gate: Path, point: str) -> None:
+        self.gate, self.point = gate, point
+        self.landed: str | None = None
+        self.pid: int | None = None
+
+    def at(self, point: str) -> None:
+        if point != self.point or self.landed is not None:
+            return
+        self.gate.touch()
+        pid_file = Path(f"{self.gate}.pid")
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and _exited(int(pid_file.read_text()))):
+            assert time.monotonic() < deadline, f"the render fault never fired at {point}"
+            time.sleep(0.02)
+        self.pid = int(pid_file.read_text())
+        self.landed = point
+
+
+class HookedModel(FakeModel):
+    def __init__(self, delay: float, fault: FaultAt) -> None:
+        super().__init__(f"delay={delay}", 0)
+        self.fault = fault
+
+    def inference(self, image_tensors, early_stopping=True):
+        self.fault.at("model step")
+        return super().inference(image_tensors, early_stopping)
+
+
+class HookedRounds(OneRankRounds):
+    def __init__(self, fault: FaultAt) -> None:
+        super().__init__()
+        self.fault = fault
+
+    def collect(self):
+        self.fault.at("status round")
+        return super().collect()
+
+
+@pytest.mark.parametrize("kind", ["render-crash", "render-hang"])
+@pytest.mark.parametrize("point", ["model load", "model step", "commit", "status round"])
+def test_render_worker_death_anywhere_in_the_loop_costs_only_its_page(
+        sample_pdfs, tmp_path, monkeypatch, kind, point):
+    """The model (0.3 s a page) is slower than rendering, as a real one is, so the worker renders
+    ahead and its death can come while the loop is anywhere; here it is held to come at `point`."""
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs[:1], out, world_size=1, unit_pages=2)
+    order = [(u.doc, p) for u in (plan.units[i] for i in plan.queues[0]) for p in u.pages()]
+    assert len(order) == 6
+    # The second page of the second batch: rendered ahead (1 worker x prefetch 2 batches of 2)
+    # whichever point the loop is at, and never in the batch at the model when the gate opens.
+    guilty = order[3]
+    name = Path(plan.docs[guilty[0]].source).name
+    monkeypatch.setenv(faults.ENV, f"{kind}:{name}:{guilty[1]}")
+    monkeypatch.setenv(faults.GATE_ENV, str(tmp_path / "gate"))
+    fault = FaultAt(tmp_path / "gate", point)
+    model = HookedModel(0.3, fault)
+    w = make_worker(plan, out, 0, HookedRounds(fault), num_workers=1, model=model,
+                    render_timeout=1.5)
+    if point == "model load":
+        w._load = lambda: (fault.at("model load"), model)[1]
+    commit = w.writer.commit
+
+    def hooked_commit():
+        fault.at("commit")
+        return commit()
+    w.writer.commit = hooked_commit
+
+    assert w.run() is False
+    assert fault.landed == point
+    rows = committed(out)
+    assert sorted((r["doc_id"], r["page"]) for r in rows) == sorted(all_pages(plan))
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert [(r["page"], r["status"]) for r in bad] == [(guilty[1], "render_error")]
+    reason = "did not finish within 1.5s" if kind == "render-hang" else "crashed (killed by SIGKILL)"
+    assert reason in bad[0]["error"], bad[0]["error"]
+    assert w.stats.render_recoveries == 1 and w.stats.pages == 6
+    check_chunks_hold_whole_units(out)
+
+
+def test_workers_dying_between_pages_are_replaced_then_a_setup_error(sample_pdfs, tmp_path):
+    """A worker that dies on no page blames no page: every claimed page is rendered again; the
+    third such death in a row is a broken node, not a bad PDF."""
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs[:1], out, world_size=1, unit_pages=2)
+    w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1)
+    claimed = w._claim() + w._claim()
+    for _ in range(2):
+        w._recover_render([(0, -9)])
+        assert w._retry == claimed and not w.dataset.failed
+    assert w._claim() == claimed  # the retry comes before any new unit
+    assert w._claim() == order_of_next_unit(plan, 2)
+    with pytest.raises(SetupError, match="3 times in a row between pages"):
+        w._recover_render([(0, -9)])
+
+
+def order_of_next_unit(plan: Plan, i: int) -> list[tuple[int, int]]:
+    u = plan.units[plan.queues[0][i]]
+    return [(u.doc, p) for p in u.pages()]
+
+
 def test_status_vector_round_trips_through_the_wire_format():
     s = RankStatus(done_pages=5, claimed=2, finished=1, rate_milli=1500, stop=0, reserve=1,
                    inflight=3, fail=1, render_error=2, error=0)
     assert RankStatus.decode(s.encode()) == s
     with pytest.raises(ValueError):
         RankStatus.decode([0, 1])
+
+
+class _Proc:
+    def __init__(self, alive: bool, exitcode: int | None = None) -> None:
+        self._alive, self.exitcode = alive, exitcode
+
+    def is_alive(self) -> bool:
+        return self._alive
+
+
+class _Thread:
+    def is_alive(self) -> bool:
+        return False
+
+
+class _TimedOutIter:
+    """A DataLoader iterator on CUDA whose pin-memory thread has ended: every wait times out."""
+
+    def __init__(self, workers: list[_Proc]) -> None:
+        self._workers, self._pin_memory_thread = workers, _Thread()
+
+    def __next__(self):
+        raise RuntimeError("DataLoader timed out after 1.0 seconds")
+
+
+def test_a_dead_pin_memory_thread_is_not_waited_on_forever(sample_pdfs, tmp_path, monkeypatch):
+    """On CUDA a worker dying while its batch is fetched also ends the pin-memory thread, and
+    every later wait only times out: that is a recovery when a worker is dead, else an error."""
+    import nougat_dist.worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "WORKER_EXIT_WAIT_S", 0.1)
+    monkeypatch.setattr(worker_mod, "discard_workers", lambda it: None)
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs[:1], out, world_size=1, unit_pages=2)
+    w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1)
+    claimed = w._claim()
+    w._it = _TimedOutIter([_Proc(True)])
+    with pytest.raises(RuntimeError, match="pin-memory thread ended"):
+        w._next_batch()
+    w._it = _TimedOutIter([_Proc(False, -9)])
+    assert w._next_batch() is None
+    assert w.stats.render_recoveries == 1 and w._retry == claimed and w._it is None

@@ -129,12 +129,54 @@ class PageItem:
     predicted_tokens: float = 0.0  # ocr/predict.py, for length-aware batching
 
 
-class PageDataset(torch.utils.data.Dataset):
-    """Map-style dataset over (doc index, page) keys; the live scheduler picks the keys."""
+class RenderWatch:
+    """Which page each render worker is on, in memory shared with the workers.
 
-    def __init__(self, docs: Sequence[DocEntry], prepare: Callable[[Image.Image], torch.Tensor | None]):
+    A worker writes the page's key before it renders and clears it after; when a worker dies (a
+    crash in pdfium, or killed by its own page timer), the rank reads here which page it died on,
+    so that page alone becomes an error row. Allocated before the workers fork, so they share it.
+    """
+
+    IDLE = -1
+
+    def __init__(self, num_workers: int) -> None:
+        self._slots = mp.RawArray("q", 2 * max(num_workers, 1))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every worker's page (the rank does this before starting fresh workers)."""
+        for i in range(len(self._slots)):
+            self._slots[i] = self.IDLE
+
+    def begin(self, worker_id: int, key: tuple[int, int]) -> None:
+        self._slots[2 * worker_id + 1] = key[1]
+        self._slots[2 * worker_id] = key[0]
+
+    def end(self, worker_id: int) -> None:
+        self._slots[2 * worker_id] = self.IDLE
+
+    def current(self, worker_id: int) -> tuple[int, int] | None:
+        """The page worker `worker_id` was rendering, or None if it was between pages."""
+        doc = self._slots[2 * worker_id]
+        return None if doc == self.IDLE else (doc, self._slots[2 * worker_id + 1])
+
+
+class PageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over (doc index, page) keys; the live scheduler picks the keys.
+
+    In a render worker each page runs under a timer of `page_timeout` seconds (ITIMER_REAL): at
+    expiry the kernel ends the worker with SIGALRM, whatever it is doing, even inside pdfium's C
+    code where no Python handler could run. The rank finds the dead worker and the page in
+    `watch`. Pages in `failed` (key -> reason) are not rendered again: their item is the error.
+    """
+
+    def __init__(self, docs: Sequence[DocEntry], prepare: Callable[[Image.Image], torch.Tensor | None],
+                 page_timeout: float = 0.0, watch: RenderWatch | None = None) -> None:
         self.docs = docs
         self.prepare = prepare
+        self.page_timeout = page_timeout
+        self.watch = watch
+        self.failed: dict[tuple[int, int], str] = {}
         self._open_doc: tuple[int, pypdfium2.PdfDocument] | None = None
 
     def _document(self, doc: int) -> pypdfium2.PdfDocument:
@@ -162,6 +204,26 @@ class PageDataset(torch.utils.data.Dataset):
         entry = self.docs[doc]
         if page == 0:
             return PageItem(doc, 0, None, entry.error or "PDF has 0 pages")
+        if key in self.failed:
+            return PageItem(doc, page, None, self.failed[key])
+        info = torch.utils.data.get_worker_info()
+        if info is None:  # rendering in the rank itself (--num-workers 0): no timer, no watch
+            return self._render(key)
+        faults.gate_render(Path(entry.member or entry.source).name, page)
+        if self.watch is not None:
+            self.watch.begin(info.id, key)
+        if self.page_timeout > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.page_timeout)
+        try:
+            return self._render(key)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if self.watch is not None:
+                self.watch.end(info.id)
+
+    def _render(self, key: tuple[int, int]) -> PageItem:
+        doc, page = key
+        entry = self.docs[doc]
         faults.hit_render(Path(entry.member or entry.source).name, page)
         t0 = time.perf_counter()
         try:
@@ -222,6 +284,8 @@ def _worker_init(_: int) -> None:
     # instead crash the rank mid-batch.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    # A page's timer (PageDataset.page_timeout) ends the worker by the default action of SIGALRM.
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 class LiveBatchSampler:
@@ -284,24 +348,81 @@ def check_shm(needed: int, free: int | None, num_workers: int, prefetch_factor: 
         "--prefetch-factor / --batch-size.")
 
 
+#: How long the rank waits for a rendered batch before it gets on with other work (a status
+#: round, a stop request) and looks again. It is also how soon a dead render worker is noticed.
+POLL_S = 1.0
+
+
 def make_loader(dataset: PageDataset, sampler: LiveBatchSampler, num_workers: int,
-                prefetch_factor: int, pin_memory: bool, timeout: float = 0) -> torch.utils.data.DataLoader:
-    """Workers render ahead of the model. `timeout` bounds the wait for one batch, so a page whose
-    rendering hangs raises in the rank instead of stalling it (needs num_workers > 0)."""
+                prefetch_factor: int, pin_memory: bool,
+                poll_s: float = 0.0) -> torch.utils.data.DataLoader:
+    """Workers render ahead of the model. With `poll_s`, waiting for a batch gives up after that
+    many seconds (`is_poll_timeout`), so the rank never sits in one wait longer (needs
+    num_workers > 0)."""
     kwargs = {}
     if num_workers > 0:
         kwargs = dict(prefetch_factor=prefetch_factor, persistent_workers=True,
-                      worker_init_fn=_worker_init, timeout=timeout)
+                      worker_init_fn=_worker_init, timeout=poll_s)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate, pin_memory=pin_memory, **kwargs)
 
 
+def iterate(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
+    """`iter(loader)`, with a dead worker reported only where the rank asks for a batch.
+
+    DataLoader's SIGCHLD handler raises "worker killed by signal" in the main thread wherever it
+    is when a worker dies: inside model.inference, a commit, a collective, the model's loading.
+    No recovery is possible from there. Without the handler a dead worker is found where the rank
+    waits for a batch (`dead_workers`), and only that page is lost. The handler is never
+    installed in this process, and removed if it already was (it is torch's, process-wide).
+    """
+    from torch.utils.data._utils import signal_handling
+
+    if loader.num_workers > 0:
+        signal_handling._SIGCHLD_handler_set = True  # torch checks this before installing it
+        handler = signal.getsignal(signal.SIGCHLD)
+        if callable(handler) and getattr(handler, "__module__", "") == signal_handling.__name__:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return iter(loader)
+
+
+def is_poll_timeout(e: RuntimeError) -> bool:
+    """Whether `next()` on a loader made with `poll_s` only ran out of patience (no batch yet)."""
+    return str(e).startswith("DataLoader timed out after")
+
+
+def pin_thread_alive(it: object) -> bool:
+    """Whether the pin-memory thread of iterator `it` runs (True where it has none)."""
+    thread = getattr(it, "_pin_memory_thread", None)
+    return thread is None or thread.is_alive()
+
+
+def dead_workers(it: object, wait_s: float = 0.0) -> list[tuple[int, int | None]]:
+    """(worker id, exit code) of each render worker of iterator `it` that is no longer alive,
+    waiting up to `wait_s` seconds for one to be."""
+    workers = list(getattr(it, "_workers", []))
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [(i, w.exitcode) for i, w in enumerate(workers) if not w.is_alive()]
+        if dead or not workers or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def death_reason(page: int, exitcode: int | None, page_timeout: float) -> str:
+    """The error of the page a render worker died on, from how it died."""
+    if exitcode == -signal.SIGALRM:
+        return f"page {page}: rendering did not finish within {page_timeout:g}s (render worker stopped)"
+    how = (f"killed by {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
+           else f"exit code {exitcode}")
+    return f"page {page}: the renderer crashed ({how})"
+
+
 def discard_workers(it: object) -> None:
-    """Kill the workers of a failed DataLoader iterator (one may be hung inside pdfium).
+    """Kill every worker of a failed DataLoader iterator (others may be hung inside pdfium).
 
     This reaches into DataLoader internals on purpose: the workers ignore SIGTERM (see
-    _worker_init), so DataLoader's own terminate() cannot stop a hung one, and its SIGCHLD watch
-    would raise in this process the moment we kill one — so it is switched off first.
+    _worker_init), so DataLoader's own terminate() cannot stop a hung one.
     """
     from torch.utils.data._utils import signal_handling
 
@@ -338,43 +459,3 @@ def close_loader(loader: torch.utils.data.DataLoader) -> None:
         if w.is_alive():
             w.kill()
             w.join(5)
-
-
-def _render_child(dataset: PageDataset, key: tuple[int, int], conn: mp.connection.Connection) -> None:
-    _worker_init(0)
-    item = dataset[key]
-    # By value: torch would pass the tensor's storage as a file descriptor that dies with this
-    # short-lived process before the parent can open it.
-    image = item.image.numpy() if item.image is not None else None
-    conn.send((item.error, item.elapsed_ms, image))
-    conn.close()
-
-
-def render_isolated(dataset: PageDataset, key: tuple[int, int], timeout: float) -> PageItem:
-    """Render one page in a child process of its own, so a hang or a crash of pdfium costs only
-    this page. Used after the DataLoader failed; slower, so never on the normal path.
-
-    fork, not spawn: spawn would re-import torch and nougat for every page, and the child touches
-    only pdfium and the CPU preprocessing, never CUDA.
-    """
-    ctx = mp.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_render_child, args=(dataset, key, send), daemon=True)
-    proc.start()
-    send.close()
-    doc, page = key
-    try:
-        if recv.poll(timeout):
-            try:
-                error, elapsed_ms, image = recv.recv()
-                tensor = torch.from_numpy(image) if image is not None else None
-                return PageItem(doc, page, tensor, error, elapsed_ms)
-            except EOFError:
-                pass  # the child died while sending; reported from its exit code below
-        else:
-            proc.kill()
-            return PageItem(doc, page, None, f"page {page}: rendering did not finish within {timeout:g}s")
-    finally:
-        proc.join(5)
-        recv.close()
-    return PageItem(doc, page, None, f"page {page}: the renderer crashed (exit code {proc.exitcode})")
