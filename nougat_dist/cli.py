@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     reason = "error (see the rank log)"
     try:
         info = ndist.init(cfg.device, control_backend=cfg.control_backend)
-        nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
+        # A plan writes nothing into the output dir, not even a log.
+        nlog.setup(None if actions.plan else Path(cfg.output), info.rank, cfg.log_level)
         if not actions.plan:
             record = AttemptRecord(Path(cfg.output), info.rank, info.world_size, str(info.device))
             if not record.begin():
