@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import pyarrow.parquet as pq
 
 from nougat_dist.errors import SetupError
-from nougat_dist.store.chunks import PAGES_DIR, atomic_write_text
+from nougat_dist.store.chunks import PAGES_DIR, atomic_write_text, chunk_seq
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,18 @@ def attempt_id(env: dict[str, str] | None = None) -> str:
     return "-".join(p.replace("/", "_") for p in parts)
 
 
+def _seqs(out_dir: Path, rank: int) -> list[tuple[int, Path]]:
+    """(sequence number, path) of rank's committed chunks, names with or without a run part."""
+    out = []
+    for p in (out_dir / PAGES_DIR).glob(f"part-r{rank:05d}-*.parquet"):
+        seq = chunk_seq(p.name, rank)
+        if seq is not None:
+            out.append((seq, p))
+    return out
+
+
 def _next_seq(out_dir: Path, rank: int) -> int:
-    prefix = f"part-r{rank:05d}-"
-    seqs = [int(p.stem[len(prefix):]) for p in (out_dir / PAGES_DIR).glob(prefix + "*.parquet")
-            if p.stem[len(prefix):].isdigit()]
-    return max(seqs, default=-1) + 1
+    return max((seq for seq, _ in _seqs(out_dir, rank)), default=-1) + 1
 
 
 class AttemptRecord:
@@ -121,9 +128,7 @@ def _read_records(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def _rank_chunks(out_dir: Path, rank: int, first: int, stop: float) -> list[Path]:
-    prefix = f"part-r{rank:05d}-"
-    return [p for p in (out_dir / PAGES_DIR).glob(prefix + "*.parquet")
-            if p.stem[len(prefix):].isdigit() and first <= int(p.stem[len(prefix):]) < stop]
+    return [p for seq, p in _seqs(out_dir, rank) if first <= seq < stop]
 
 
 def summarize(out_dir: Path, current: str) -> dict[str, Any]:

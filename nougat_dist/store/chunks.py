@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,24 @@ def atomic_write_text(text: str, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def chunk_name(rank: int, seq: int, run_id: str = "") -> str:
+    """A chunk's file name: rank, a sequence number that continues across attempts, and the
+    attempt (run) that wrote it, so that no write of one run can replace another run's file
+    whatever the numbering (a lease taken over from a job that is still writing, an NFS listing
+    that missed a file). Chunks of earlier releases have no run part; both are read alike."""
+    run = re.sub(r"[^A-Za-z0-9._~+-]", "_", run_id)[:80]
+    return f"part-r{rank:05d}-{seq:06d}" + (f"-{run}" if run else "") + ".parquet"
+
+
+def chunk_seq(name: str, rank: int) -> int | None:
+    """The sequence number of rank's chunk named `name` (either form), or None if not one."""
+    prefix = f"part-r{rank:05d}-"
+    if not name.startswith(prefix) or not name.endswith(".parquet"):
+        return None
+    seq = name[len(prefix):-len(".parquet")].split("-", 1)[0]
+    return int(seq) if seq.isdigit() else None
+
+
 def chunk_units(path: Path) -> list[str]:
     """The unit keys a committed chunk completes, read from its footer only."""
     meta = pq.read_schema(path).metadata or {}
@@ -114,6 +133,8 @@ class ChunkWriter:
     commit_pages: int = 256
     commit_seconds: float = 60.0
     seq: int = 0
+    #: goes into every chunk name (default: this process's attempt, see store.attempts)
+    run_id: str = ""
     _open: dict[str, list[dict]] = field(default_factory=dict)
     _expected: dict[str, int] = field(default_factory=dict)
     _ready_rows: list[dict] = field(default_factory=list)
@@ -126,13 +147,16 @@ class ChunkWriter:
     def __post_init__(self) -> None:
         self.pages_dir = self.out_dir / PAGES_DIR
         self.pages_dir.mkdir(parents=True, exist_ok=True)
-        # Continue numbering after this rank's existing chunks so a resumed run never overwrites.
-        prefix = f"part-r{self.rank:05d}-"
-        for p in self.pages_dir.glob(prefix + "*.parquet"):
-            try:
-                self.seq = max(self.seq, int(p.stem[len(prefix):]) + 1)
-            except ValueError:
-                continue
+        # Continue numbering after this rank's existing chunks (the attempt records use the
+        # numbers to tell which attempt committed what).
+        for p in self.pages_dir.glob(f"part-r{self.rank:05d}-*.parquet"):
+            seq = chunk_seq(p.name, self.rank)
+            if seq is not None:
+                self.seq = max(self.seq, seq + 1)
+        if not self.run_id:
+            from nougat_dist.store import attempts  # it imports this module
+
+            self.run_id = attempts.current_attempt() or attempts.attempt_id()
 
     def expect(self, unit_key: str, n_rows: int) -> None:
         """Declare a unit that will receive n_rows rows."""
@@ -165,7 +189,7 @@ class ChunkWriter:
         if not self._ready_units:
             return None
         table = pa.Table.from_pylist(self._ready_rows, schema=PAGES_SCHEMA)
-        path = self.pages_dir / f"part-r{self.rank:05d}-{self.seq:06d}.parquet"
+        path = self.pages_dir / chunk_name(self.rank, self.seq, self.run_id)
         atomic_write_table(table, path, {UNITS_KEY: json.dumps(self._ready_units).encode()},
                            before_replace=lambda: faults.hit("commit"))
         log.debug("committed %s: %d rows, %d units", path.name, table.num_rows, len(self._ready_units))
