@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # `kill -QUIT <pid>` prints every thread's Python stack to stderr: how to see where a stuck
     # rank (or one of its render workers, which inherit this) is waiting.
     faulthandler.register(signal.SIGQUIT, all_threads=True)
-    from nougat_dist.store.attempts import AttemptRecord
+    from nougat_dist.store.attempts import AttemptRecord, begin_when_leased
 
     nlog.setup(None, 0)
     record: AttemptRecord | None = None
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         nlog.setup(None if actions.plan else Path(cfg.output), info.rank, cfg.log_level)
         if not actions.plan:
             record = AttemptRecord(Path(cfg.output), info.rank, info.world_size, str(info.device))
-            if not record.begin():
-                record = None
+            begin_when_leased(record)
         rc = run(cfg, info, plan_only=actions.plan)
         return rc
     except (SetupError, CheckpointError, ndist.DeviceError) as e:

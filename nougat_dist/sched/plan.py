@@ -22,6 +22,7 @@ from nougat_dist.inputs.sources import InputError, discover, prefetch
 from nougat_dist.ocr.model import checkpoint_name, resolve_checkpoint
 from nougat_dist.ocr.nltk_words import ensure_nltk_words
 from nougat_dist.sched.steal import assign
+from nougat_dist.store import attempts
 from nougat_dist.store import index as checkpoint
 from nougat_dist.store import lease as store_lease
 from nougat_dist.store import manifest
@@ -210,6 +211,8 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
         except (SetupError, InputError, OSError, RuntimeError) as e:
             head = SetupError(str(e))
     to_inspect, ckpt, nltk_ok = _share(info, head)
+    if not plan_only:
+        attempts.start()  # the lease is held: this attempt's records may be written now
 
     # Every rank hashes and counts the pages of its share of the new and changed documents
     # (remote ones of this share download in parallel first).

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS_DIR = "attempts"
 _current: str | None = None
+#: This process's record, begun but not written until the job holds the output's lease.
+_pending: "AttemptRecord | None" = None
 EXIT_REASONS = {0: "complete", 75: "stopped", 2: "setup error"}
 
 
@@ -72,32 +74,55 @@ class AttemptRecord:
         while (self.dir / f"{self.key}.r{rank}.json").exists():
             self.key, n = f"{base}~{n}", n + 1
         self.path = self.dir / f"{self.key}.r{rank}.json"
+        self.out_dir, self.rank = out_dir, rank
+        self.written = False
         self.data: dict[str, Any] = {
             "attempt": self.key, "rank": rank, "world_size": world_size, "host": platform.node(),
             "device": device, "pid": os.getpid(), "start": time.time(),
-            "start_seq": _next_seq(out_dir, rank), "end": None, "exit": None}
+            "start_seq": None, "end": None, "exit": None}
 
     def begin(self) -> bool:
         """Write the start record; False if the output dir is not writable (the job's own
         check then reports it with a message that says what to do)."""
         global _current
+        self.data["start_seq"] = _next_seq(self.out_dir, self.rank)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json.dumps(self.data) + "\n", self.path)
         except OSError as e:
             log.debug("no attempt record: %s", e)
             return False
+        self.written = True
         _current = self.key
         return True
 
     def end(self, code: int | None, reason: str | None = None) -> None:
-        """Record the exit (code None: an exception, named by `reason`)."""
+        """Record the exit (code None: an exception, named by `reason`); nothing when the start
+        was never written (the job stopped before it held the lease)."""
+        if not self.written:
+            return
         self.data["end"] = time.time()
         self.data["exit"] = reason or EXIT_REASONS.get(code, f"exit code {code}")
         try:
             atomic_write_text(json.dumps(self.data) + "\n", self.path)
         except OSError as e:  # the output dir may be what failed; the exit code still tells
             log.warning("could not record the end of attempt %s: %s", self.key, e)
+
+
+def begin_when_leased(record: AttemptRecord) -> None:
+    """Begin `record` at `start()`, once the job holds the output's lease: a job refused by the
+    lease (or stopped by a setup error before it) leaves nothing in the output dir."""
+    global _pending
+    _pending = record
+
+
+def start() -> None:
+    """Begin the record of `begin_when_leased`, if any: every rank calls it once rank 0 holds
+    the output's lease."""
+    global _pending
+    record, _pending = _pending, None
+    if record is not None:
+        record.begin()
 
 
 def commit_after_failure(writer: Any) -> None:
