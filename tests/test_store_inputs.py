@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from conftest import rows, run_launch, stats
 from nougat_dist.__main__ import main as stage_main
-from nougat_dist.inputs.sources import Source
+from nougat_dist.inputs.sources import Source, discover
 from nougat_dist.sched.plan import decide_plan
 from nougat_dist.store import manifest
 from nougat_dist.store.chunks import PAGES_SCHEMA, atomic_write_table
@@ -198,3 +198,18 @@ def test_plan_writes_nothing_and_stale_derived_outputs_are_removed(tmp_path: Pat
     assert collect(out)["state"] == "finished" and stats(out)["pages_total"] == 8
     assert stage_main(["clean", str(out)]) == 0
 
+
+def test_a_non_utf8_file_name_is_an_error_row_not_a_crash(tmp_path: Path) -> None:
+    write_long_pdf(tmp_path / "ok.pdf", 2, seed=1)
+    write_long_pdf(tmp_path / "x.pdf", 2, seed=2)
+    os.rename(tmp_path / "x.pdf", os.fsencode(tmp_path) + b"/caf\xe9.pdf")
+    sources = discover([str(tmp_path)])
+    entries = [e for _, e in manifest.build_entries(sources, 0, 1)]
+    manifest.write(tmp_path, entries)  # Parquet strings must be UTF-8: this used to raise
+    loaded = manifest.load(tmp_path)
+    bad = [e for e in loaded if e.error is not None]
+    assert [e.source for e in bad] == [str(tmp_path / "caf\\xe9.pdf")]
+    assert "not valid UTF-8" in bad[0].error and "rename" in bad[0].error
+    assert [e.n_pages for e in loaded if e.error is None] == [2]
+    # The next run recognises both documents by name: nothing to hash again.
+    assert manifest.diff_inputs(loaded, discover([str(tmp_path)])).to_inspect == []

@@ -24,7 +24,7 @@ import pypdfium2
 
 from nougat_dist import faults
 from nougat_dist.inputs import remote
-from nougat_dist.inputs.sources import Source, read_bytes
+from nougat_dist.inputs.sources import Source, is_utf8, printable_name, read_bytes
 from nougat_dist.store.chunks import atomic_write_table
 from nougat_dist.store.layout import MANIFEST_FILE, OutputDir  # noqa: F401 (re-exported)
 
@@ -108,6 +108,14 @@ def inspect(src: Source) -> DocEntry:
     # Stamped before reading: a file rewritten while it is read has a newer mtime than the one
     # recorded, so the next run hashes it again.
     stamp = file_stamp(src) or (None, None)
+    if not (is_utf8(src.source) and is_utf8(src.member)):
+        # The dataset stores names as text: the row keeps the name with its odd bytes escaped,
+        # and says what to do, instead of failing the whole job when the manifest is written.
+        shown = _shown_name(src)
+        digest = hashlib.sha256(f"badname:{shown[0]}:{shown[1]}".encode()).hexdigest()
+        return DocEntry(digest, *shown, 0, 0, digest,
+                        "file name is not valid UTF-8 (its other bytes are shown as \\xNN): "
+                        "rename the file to UTF-8 (e.g. with convmv) to include it", *stamp)
     try:
         data = read_bytes(src)
     except FileNotFoundError:
@@ -134,6 +142,12 @@ def inspect(src: Source) -> DocEntry:
             if n_pages == 0:
                 error = "PDF has 0 pages"
     return DocEntry(digest, src.source, src.member, n_pages, len(data), digest, error, *stamp)
+
+
+def _shown_name(src: Source) -> tuple[str, str | None]:
+    """(source, member) as the manifest stores them (see `sources.printable_name`)."""
+    return (printable_name(src.source),
+            None if src.member is None else printable_name(src.member))
 
 
 def build_entries(sources: Sequence[Source], rank: int, world_size: int) -> list[tuple[int, DocEntry]]:
@@ -230,7 +244,7 @@ def diff_inputs(old: "DocTable | None", sources: Sequence[Source], recheck: bool
     stamps: dict[str, tuple[int, int] | None] = {}  # an archive's members share one stat
     new = changed = 0
     for k, src in enumerate(sources):
-        i = names.pop((src.source, src.member), None)
+        i = names.pop(_shown_name(src), None)
         if i is None:
             new += 1
             continue
