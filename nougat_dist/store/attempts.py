@@ -130,7 +130,7 @@ def commit_after_failure(writer: Any) -> None:
     peer died, say): each unit is complete, so keeping it is as safe as on a normal commit."""
     try:
         path = writer.commit()
-    except OSError as e:
+    except (OSError, SetupError) as e:  # SetupError: no space (store.chunks)
         log.error("could not commit the finished units after the failure: %s", e)
         return
     log.error("the work loop failed%s; run the same command again to resume",

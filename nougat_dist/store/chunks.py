@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nougat_dist import faults
+from nougat_dist.errors import SetupError
 from nougat_dist.store.layout import PAGES_DIR, TMP_PREFIX  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: A write that fails with one of these failed for want of space (EFBIG: a file size limit).
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _space_errors(path: Path):
+    """Turn a write that failed for want of space into one clear line (exit 2) instead of a
+    traceback: the temp file is gone and every committed file is intact, so making room and
+    running the same command again resumes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise SetupError(
+            f"no space to write {path} ({e.strerror}): what was committed before is intact. "
+            "Free space on the output's file system (or raise the quota or file-size limit), "
+            "then run the same command again to resume") from e
+
+
 def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes] | None = None,
                        before_replace: Callable[[], None] | None = None) -> None:
     """Write table to path so that readers see either the old file or the complete new one."""
@@ -71,6 +94,13 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    with _space_errors(path):
+        _write_replace(table, tmp, path, before_replace)
+    fsync_dir(path.parent)
+
+
+def _write_replace(table: pa.Table, tmp: Path, path: Path,
+                   before_replace: Callable[[], None] | None) -> None:
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f, compression="zstd")
@@ -82,17 +112,21 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _space_errors(path):
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     fsync_dir(path.parent)
 
 
