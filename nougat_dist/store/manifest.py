@@ -189,14 +189,6 @@ def load(out_dir: Path) -> "DocTable | None":
     return DocTable(table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
 
 
-def same_inputs(entries: "DocTable", sources: Sequence[Source]) -> bool:
-    """Whether a manifest was built from exactly these sources (by name; contents are not re-hashed)."""
-    if len(entries) != len(sources):
-        return False
-    names = zip(entries.column("source"), entries.column("member"))
-    return all(a == (s.source, s.member) for a, s in zip(names, sources))
-
-
 @dataclass
 class InputChanges:
     """How this run's inputs compare with the manifest (see `diff_inputs`)."""
