@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # `kill -QUIT <pid>` prints every thread's Python stack to stderr: how to see where a stuck
     # rank (or one of its render workers, which inherit this) is waiting.
     faulthandler.register(signal.SIGQUIT, all_threads=True)
-    from nougat_dist.store.attempts import AttemptRecord
+    from nougat_dist.store.attempts import AttemptRecord, begin_when_leased
     from nougat_dist.store.bucket import BucketSync, is_bucket
 
     nlog.setup(None, 0)
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             sync.start(rank=info.rank, local_rank=info.local_rank,
                        barrier=lambda: _barrier(info))
             cfg.output = str(sync.local)
-        nlog.setup(Path(cfg.output), info.rank, cfg.log_level)
+        # A plan writes nothing into the output dir, not even a log.
+        nlog.setup(None if actions.plan else Path(cfg.output), info.rank, cfg.log_level)
         if not actions.plan:
             record = AttemptRecord(Path(cfg.output), info.rank, info.world_size, str(info.device))
-            if not record.begin():
-                record = None
+            begin_when_leased(record)
         rc = run(cfg, info, plan_only=actions.plan)
         return rc
     except (SetupError, CheckpointError, ndist.DeviceError) as e:

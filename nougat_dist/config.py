@@ -38,6 +38,7 @@ class Config:
     commit_pages: int = 256
     commit_seconds: float = 60.0
     rebuild_manifest: bool = False
+    discard_committed: bool = False
     retry_failed: bool = False
     redo_other_model: bool = False
     plan_pages_per_s: float = 1.0
@@ -116,8 +117,11 @@ FIELD_HELP: dict[str, str] = {
     "steal": "Let idle ranks take queued units from the most loaded rank (--no-steal: static split).",
     "commit_pages": "Commit a Parquet chunk once this many pages of complete units are buffered.",
     "commit_seconds": "Also commit at least this often (seconds), so a crash loses little work.",
-    "rebuild_manifest": "Rebuild out/manifest.parquet when the inputs changed since it was written "
-    "(otherwise that is an error, so a resumed run never mixes two different input sets).",
+    "rebuild_manifest": "Hash and count the pages of every input again instead of trusting "
+    "unchanged size and mtime (for file systems whose mtimes cannot be trusted). Committed pages "
+    "of documents whose content is unchanged are kept.",
+    "discard_committed": "Start over: move every committed page of out/pages/ to "
+    "out/superseded/discarded-<time>/ and build the manifest from this run's inputs alone.",
     "max_member_bytes": "Largest archive member read, by the uncompressed size its header declares "
     "(checked before reading). A larger member becomes an error row. The default (512 MiB) keeps "
     "the copies a rank and its render workers hold inside a 24 GiB node running 8 ranks.",

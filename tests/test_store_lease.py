@@ -103,11 +103,14 @@ def test_two_jobs_on_one_output(tmp_path: Path) -> None:
             time.sleep(0.1)
         second = run_launch(args, check=False, env={"SLURM_JOB_ID": "999"})
         still_running = first.poll() is None
+        # The refused job left no attempt record: every record is the first job's.
+        records = [json.loads(p.read_text()) for p in (out / "attempts").glob("*.json")]
     finally:
         _, err = first.communicate(timeout=300)
     assert still_running, "the first job ended before the second started: nothing was tested"
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"pid {first.pid}" in second.stderr and "another job" in second.stderr
+    assert records and {r["pid"] for r in records} == {first.pid}
     assert first.returncode == 0, err[-3000:]
     df = pd.read_parquet(out / "pages")
     assert sorted(df.page) == list(range(1, 5))

@@ -38,9 +38,9 @@ def test_other_checkpoint_is_refused_then_redone(tmp_path: Path, tiny_checkpoint
     _commit(tmp_path, "other@0123456789ab", "bfloat16")
     cfg = Config(checkpoint=str(tiny_checkpoint), output=str(tmp_path))
     with pytest.raises(SetupError, match=rf"other@0123456789ab \(bfloat16\).*{mine} \(bfloat16\)"):
-        _reconcile_committed(cfg, tmp_path, str(tiny_checkpoint), None)
+        _reconcile_committed(cfg, tmp_path, str(tiny_checkpoint))
     cfg = Config(checkpoint=str(tiny_checkpoint), output=str(tmp_path), redo_other_model=True)
-    _reconcile_committed(cfg, tmp_path, str(tiny_checkpoint), None)
+    _reconcile_committed(cfg, tmp_path, str(tiny_checkpoint))
     assert index.committed_pages(tmp_path) == {}  # to be done again
     assert len(pd.read_parquet(OutputDir(tmp_path).superseded)) == 2  # kept, not deleted
 
@@ -49,9 +49,9 @@ def test_other_dtype_is_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
     _commit(tmp_path, checkpoint_name(tiny_checkpoint), "bfloat16")
     cfg = Config(checkpoint=str(tiny_checkpoint), output=str(tmp_path), full_precision=True)
     with pytest.raises(SetupError, match=r"\(bfloat16\).*\(float32\)"):
-        _reconcile_committed(cfg, tmp_path, str(tiny_checkpoint), None)
+        _reconcile_committed(cfg, tmp_path, str(tiny_checkpoint))
     _reconcile_committed(Config(checkpoint=str(tiny_checkpoint), output=str(tmp_path)), tmp_path,
-                         str(tiny_checkpoint), None)  # the same model and dtype resumes
+                         str(tiny_checkpoint))  # the same model and dtype resumes
 
 
 def test_launcher_exits_2_naming_both_models(tmp_path: Path) -> None:

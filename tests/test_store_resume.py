@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 
 from conftest import run_launch
 from nougat_dist.store import index
-from nougat_dist.store.chunks import PAGES_SCHEMA
+from nougat_dist.store import attempts
+from nougat_dist.store.chunks import PAGES_SCHEMA, ChunkWriter, chunk_name, chunk_seq
 from nougat_dist.store.layout import OutputDir
 from testing.samples import write_long_pdf
 
@@ -64,3 +65,36 @@ def test_finalize_drops_any_duplicate_page(tmp_path: Path) -> None:
     assert _pages(tmp_path) == {("d", 1): "a1", ("d", 2): "a2", ("d", 3): "a3", ("d", 4): "b4"}
     assert not (out.pages / "part-r00001-000001.parquet").exists()
     assert index.drop_duplicate_pages(tmp_path) == 0
+
+
+def test_chunk_names_carry_the_run_and_old_names_still_count(tmp_path: Path) -> None:
+    out = OutputDir(tmp_path)
+    assert chunk_name(3, 7, "slurm12.0-t/x") == "part-r00003-000007-slurm12.0-t_x.parquet"
+    assert chunk_seq("part-r00003-000007-slurm12.0-t_x.parquet", 3) == 7
+    assert chunk_seq("part-r00003-000007.parquet", 3) == 7  # a chunk of an earlier release
+    assert chunk_seq("part-r00003-000007.parquet", 2) is None
+
+    def row(page: int, text: str) -> dict:
+        return {"doc_id": "d", "source": "a.pdf", "member": None, "page": page, "text": text,
+                "status": "ok", "error": None, "n_tokens": 1, "elapsed_ms": 1.0, "rank": 0,
+                "model": "m", "dtype": "bf16"}
+
+    out.pages.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row(1, "old")], schema=PAGES_SCHEMA),
+                   out.pages / "part-r00000-000004.parquet")
+    # Two writers that picked the same sequence number (a job still writing after its lease
+    # was taken over, or a listing that missed a file): neither replaces the other's chunk.
+    writers = [ChunkWriter(tmp_path, 0, run_id=run) for run in ("job1.0", "job2.0")]
+    assert [w.seq for w in writers] == [5, 5]  # numbering continues after the old name
+    for w, text in zip(writers, ("one", "two")):
+        w.expect("d:2-2", 1)
+        w.add("d:2-2", row(2, text))
+        w.commit()
+    names = sorted(p.name for p in index.chunk_paths(tmp_path))
+    assert names == ["part-r00000-000004.parquet", "part-r00000-000005-job1.0.parquet",
+                     "part-r00000-000005-job2.0.parquet"]
+    assert index.committed_pages(tmp_path)["d"].tolist() == [1, 2]
+    assert index.drop_duplicate_pages(tmp_path) == 1 and len(pd.read_parquet(out.pages)) == 2
+    # The attempt records attribute both kinds of name by their sequence numbers.
+    assert attempts._next_seq(tmp_path, 0) == 6
+    assert len(attempts._rank_chunks(tmp_path, 0, 4, 5)) == 1

@@ -52,6 +52,30 @@ class Source:
         return self.member or self.source
 
 
+def is_utf8(name: str | None) -> bool:
+    """Whether a name can be stored as text. A file name whose bytes are not UTF-8 reaches Python
+    with surrogate escapes (PEP 383), which Parquet strings cannot hold."""
+    if name is None:
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(name: str) -> str:
+    """The name as valid text: each byte that is not UTF-8 becomes a literal backslash escape
+    (``caf\\xe9.pdf``). This is how such a name is stored and shown; it cannot be opened by it."""
+    if is_utf8(name):
+        return name
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def _is_pdf_name(p: str | Path) -> bool:
     return str(p).lower().endswith(".pdf")
 

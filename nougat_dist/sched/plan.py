@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ from nougat_dist.inputs.sources import InputError, discover, prefetch
 from nougat_dist.ocr.model import checkpoint_name, resolve_checkpoint
 from nougat_dist.ocr.nltk_words import ensure_nltk_words
 from nougat_dist.sched.steal import assign
+from nougat_dist.store import attempts
 from nougat_dist.store import index as checkpoint
 from nougat_dist.store import lease as store_lease
 from nougat_dist.store import manifest
@@ -72,6 +72,12 @@ class Plan:
 
     #: committed rows with a failed status (rank 0 only): what --retry-failed would redo.
     failed_rows: int = 0
+    #: documents whose input is no longer given or found: kept, not scheduled
+    retired: int = 0
+    #: rank 0: how the inputs differ from the manifest ("" for a new output)
+    input_changes: str = ""
+    #: rank 0: committed pages of files replaced in place (set aside; a plan only counts them)
+    replaced_pages: int = 0
 
     def skip_set(self) -> set[tuple[int, int]]:
         return set(map(tuple, self.skip.tolist()))
@@ -93,11 +99,11 @@ class _PlanMessage:
     skip: np.ndarray
 
 
-def _todo_units(out: Path, docs: Sequence[DocEntry], units: Units) -> tuple[np.ndarray, np.ndarray]:
+def _todo_units(done: dict[str, np.ndarray], docs: Sequence[DocEntry],
+                units: Units) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the units with a page no committed chunk holds yet, and the (doc, page) pairs
     of those units that are committed already (after a change of --unit-pages a unit can be
     half done): the worker skips them, so no page is stored twice."""
-    done = checkpoint.committed_pages(out)
     todo = np.ones(len(units), dtype=bool)
     skip: list[np.ndarray] = []
     if done:
@@ -124,9 +130,9 @@ def run_model_id(cfg: Config, ckpt: str) -> tuple[str, str]:
     return checkpoint_name(Path(ckpt)), "float32" if cfg.full_precision else "bfloat16"
 
 
-def _reconcile_committed(cfg: Config, out: Path, ckpt: str,
-                         old: DocTable | None) -> DocTable | None:
-    """Rank 0, under the lease: one model per output, and --retry-failed. Returns the manifest."""
+def _reconcile_committed(cfg: Config, out: Path, ckpt: str) -> int:
+    """Rank 0, under the lease: one model per output, and --retry-failed's failed rows set
+    aside. Returns the rows moved to superseded/."""
     model, dtype = run_model_id(cfg, ckpt)
     others = checkpoint.committed_models(out) - {(model, dtype)}
     if others and not cfg.redo_other_model:
@@ -135,100 +141,176 @@ def _reconcile_committed(cfg: Config, out: Path, ckpt: str,
             f"{out} holds pages OCR'd by {named}; this run uses {model} ({dtype}). A document "
             "must not mix two models: use the same --checkpoint and precision, another --output, "
             "or --redo-other-model to do those pages again with this model.")
+    moved = 0
     if others:
-        checkpoint.set_aside(out, lambda t: pc.invert(pc.and_(pc.equal(t["model"], model),
-                                                              pc.equal(t["dtype"], dtype))),
-                             "other-model")
+        moved += checkpoint.set_aside(
+            out, lambda t: pc.invert(pc.and_(pc.equal(t["model"], model),
+                                             pc.equal(t["dtype"], dtype))), "other-model")
     if cfg.retry_failed:
         failed = pa.array(FAILED_STATUSES)
-        checkpoint.set_aside(out, lambda t: pc.is_in(t["status"], value_set=failed), "retry-failed")
-        if old is not None:
-            old, fixed = manifest.reinspect_unreadable(old)
-            manifest.write(out, list(old))
-            log.info("--retry-failed: %d unreadable document(s) now read", fixed)
-    return old
+        moved += checkpoint.set_aside(out, lambda t: pc.is_in(t["status"], value_set=failed),
+                                      "retry-failed")
+    return moved
+
+
+def _check_readable_output(out: Path) -> None:
+    """--plan's check: it only reads, so a missing output dir is fine and none is created."""
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--output {out} exists and is not a directory")
+
+
+@dataclass
+class _Start:
+    """What rank 0 knows before the documents are inspected (kept on rank 0 only)."""
+
+    old: DocTable | None
+    changes: manifest.InputChanges
+    moved: int  # committed rows moved to superseded/ before planning
+
+
+def _prepare(cfg: Config, out: Path, plan_only: bool) -> tuple[_Start, list, str, bool]:
+    """Rank 0, before any other rank does anything: lease, inputs, and what changed since the
+    manifest was written. A plan reads only: no lease, no temp-file cleanup, nothing moved."""
+    layout = OutputDir(out)
+    if plan_only:
+        _check_readable_output(out)
+    else:
+        _check_output_dir(out)
+        # Before anything else is written: one job per output directory. The lease goes with
+        # the process (a crash leaves it to be taken back or over).
+        atexit.register(store_lease.acquire(layout).release)
+    sources = discover(cfg.input)
+    if not sources:
+        raise SetupError("the inputs contain no PDF files: " + " ".join(cfg.input))
+    needs_model = cfg.test_fake_model is None and not plan_only
+    ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if needs_model else ""
+    nltk_ok = ensure_nltk_words() if needs_model else True
+    moved = 0
+    if not plan_only:
+        checkpoint.remove_temp_files(out)
+        if cfg.discard_committed:
+            moved += checkpoint.discard_committed(out)
+        moved += _reconcile_committed(cfg, out, ckpt)
+    # --discard-committed starts from the inputs alone: rows of inputs no longer given go too.
+    old = None if cfg.discard_committed else manifest.load(out)
+    changes = manifest.diff_inputs(old, sources, recheck=cfg.rebuild_manifest,
+                                   recheck_errors=cfg.retry_failed)
+    to_inspect = [sources[i] for i in changes.to_inspect]
+    return _Start(old, changes, moved), to_inspect, ckpt, nltk_ok
 
 
 def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
     out = Path(cfg.output)
     # Rank 0 decides what the job is; failures travel to every rank so nobody hangs in a barrier.
-    head: Any
+    head: Any = None
+    start: _Start | None = None
     if info.is_main:
         try:
-            _check_output_dir(out)
-            if not plan_only:
-                # Before anything else is written: one job per output directory. The lease
-                # goes with the process (a crash leaves it to be taken back or over).
-                atexit.register(store_lease.acquire(OutputDir(out)).release)
-            sources = discover(cfg.input)
-            if not sources:
-                raise SetupError("the inputs contain no PDF files: " + " ".join(cfg.input))
-            old = manifest.load(out)
-            if old is not None and not manifest.same_inputs(old, sources):
-                if not cfg.rebuild_manifest:
-                    raise SetupError(
-                        f"{out} holds a manifest built from different inputs ({len(old)} documents "
-                        f"there, {len(sources)} now). Use the same --input to resume, another "
-                        "--output for a new job, or --rebuild-manifest to replace it.")
-                # Rows of the old inputs must not mix into the new dataset; keep them aside.
-                aside = out / f"pages.replaced-{int(time.time())}"
-                if OutputDir(out).pages.is_dir():
-                    OutputDir(out).pages.rename(aside)
-                    log.warning("--rebuild-manifest: previous page chunks moved to %s", aside)
-                old = None
-            needs_model = cfg.test_fake_model is None and not plan_only
-            ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if needs_model else ""
-            nltk_ok = ensure_nltk_words() if needs_model else True
-            checkpoint.remove_temp_files(out)
-            if not plan_only:
-                old = _reconcile_committed(cfg, out, ckpt, old)
-            # The manifest rows stay here: the other ranks get only the unique documents, below.
-            entries = old
-            head = (sources if old is None else None, ckpt, nltk_ok)
+            start, *rest = _prepare(cfg, out, plan_only)
+            head = tuple(rest)
         except (SetupError, InputError, OSError, RuntimeError) as e:
             head = SetupError(str(e))
-    else:
-        head = entries = None
-    sources, ckpt, nltk_ok = _share(info, head)
+    to_inspect, ckpt, nltk_ok = _share(info, head)
+    if not plan_only:
+        attempts.start()  # the lease is held: this attempt's records may be written now
 
-    if sources is not None:
-        # Every rank hashes and counts the pages of its share of the documents.
-        # Remote documents of this rank's share download in parallel before being inspected.
-        prefetch(sources[info.rank::info.world_size])
-        mine = manifest.build_entries(sources, info.rank, info.world_size)
+    # Every rank hashes and counts the pages of its share of the new and changed documents
+    # (remote ones of this share download in parallel first).
+    parts: list[Any] = [[]]
+    if to_inspect:
+        prefetch(to_inspect[info.rank::info.world_size])
+        mine = manifest.build_entries(to_inspect, info.rank, info.world_size)
         if info.distributed:
-            parts: list[Any] = [None] * info.world_size
+            parts = [None] * info.world_size
             dist.all_gather_object(parts, mine, group=info.control_group)
         else:
             parts = [mine]
-        if info.is_main:
-            entries = manifest.write(out, [e for _, e in sorted(x for part in parts for x in part)])
-            log.info("manifest: %d documents written to %s", len(entries), out / manifest.MANIFEST_FILE)
 
     msg: Any = None
     if info.is_main:
-        plan = decide_plan(out, entries, cfg.unit_pages, info.world_size, ckpt, nltk_ok)
-        if not info.distributed:
-            return plan
-        msg = plan_message(plan)
+        assert start is not None
+        try:
+            plan = _decide_on_rank0(cfg, out, start, parts, info.world_size, ckpt, nltk_ok,
+                                    plan_only)
+        except (SetupError, OSError, RuntimeError) as e:
+            msg = SetupError(str(e))
+        else:
+            if not info.distributed:
+                return plan
+            msg = plan_message(plan)
     msg = _share(info, msg)
     if info.is_main:
         return plan
     return plan_from_message(msg, cfg.unit_pages)
 
 
+def _decide_on_rank0(cfg: Config, out: Path, start: _Start, parts: list[Any], world_size: int,
+                     ckpt: str, nltk_ok: bool, plan_only: bool) -> Plan:
+    """The new manifest (written unless planning), pages of replaced files set aside, the plan,
+    and stale derived outputs removed when this run will change the pages."""
+    ch = start.changes
+    order = ch.to_inspect
+    inspected = {order[j]: e for j, e in sorted(x for part in parts for x in part)}
+    entries = manifest.merge_inputs(start.old, ch, inspected)
+    if start.old is not None and (ch.rewrite or ch.changed):
+        log.info("inputs since the manifest was written: %s", ch.summary())
+    if ch.rewrite and not plan_only:
+        manifest.write(out, entries)
+        log.info("manifest: %d documents written to %s", len(entries), OutputDir(out).manifest)
+    done = {} if (plan_only and cfg.discard_committed) else checkpoint.committed_pages(out)
+    # Committed pages of a doc_id the manifest no longer holds came from a file since replaced
+    # (same name, other bytes): they must not mix into its new document.
+    ids = set(entries.column("doc_id"))
+    orphans = sorted(d for d in done if d not in ids)
+    replaced = sum(len(done.pop(d)) for d in orphans)
+    moved = start.moved
+    if orphans and not plan_only:
+        moved += checkpoint.set_aside(out, lambda t: pc.is_in(t["doc_id"],
+                                                              value_set=pa.array(orphans)),
+                                      "replaced")
+    plan = decide_plan(out, entries, cfg.unit_pages, world_size, ckpt, nltk_ok, done=done)
+    if start.old is not None:
+        plan.input_changes = ch.summary() if ch.rewrite or ch.changed else "inputs unchanged"
+    plan.replaced_pages = replaced
+    if not plan_only and (len(plan.todo) or moved):
+        checkpoint.invalidate_derived(out)
+    return plan
+
+
 def decide_plan(out: Path, entries: Sequence[DocEntry], unit_pages: int, world_size: int,
-                ckpt: str = "", nltk_ok: bool = True) -> Plan:
-    """Rank 0: unique documents, units, what is left to do, and each rank's queue."""
+                ckpt: str = "", nltk_ok: bool = True,
+                done: dict[str, np.ndarray] | None = None) -> Plan:
+    """Rank 0: unique documents, units, what is left to do, and each rank's queue.
+
+    done: the committed pages (read from out when not given). A document whose input is no
+    longer given (`removed`) keeps what it has: its missing pages are neither scheduled nor
+    counted."""
+    if done is None:
+        done = checkpoint.committed_pages(out)
     docs = manifest.unique_docs(entries)
     units = manifest.make_units(docs, unit_pages)
-    todo, skip = _todo_units(out, docs, units)
+    todo, skip = _todo_units(done, docs, units)
+    # Retired: every row of the doc_id is removed (a copy still given keeps the document going).
+    table = entries if isinstance(entries, DocTable) else DocTable.from_entries(entries)
+    removed = table.removed_array()
+    retired = np.zeros(len(docs), dtype=bool)
+    if removed.any():
+        active = set(pc.filter(table.table["doc_id"], pa.array(~removed)).to_pylist())
+        retired = np.array([d not in active for d in manifest.doc_ids(docs)], dtype=bool)
+    retired_pages = 0
+    if retired.any():
+        todo = todo[~retired[units.doc[todo]]]
+        skip = skip[~retired[skip[:, 0]]] if len(skip) else skip
+        ids = manifest.doc_ids(docs)
+        retired_pages = sum(len(done.get(ids[d], ())) for d in np.flatnonzero(retired).tolist())
     weights = units.n_pages[todo]
     queues = [todo[np.asarray(q, dtype=np.int64)].tolist() for q in assign(weights.tolist(), world_size)]
-    total = int(units.n_pages.sum())
+    n_pages = units.n_pages
+    total = int(n_pages[~retired[units.doc]].sum()) + retired_pages
     failed = sum(n for s, n in status_counts(out).items() if s in FAILED_STATUSES)
     return Plan(entries, docs, units, todo, queues, ckpt, nltk_ok, total,
-                total - int(weights.sum()) + len(skip), skip, failed)
+                total - int(weights.sum()) + len(skip), skip, failed,
+                retired=int(retired.sum()))
 
 
 def plan_message(plan: Plan) -> _PlanMessage:
@@ -273,9 +355,16 @@ def format_plan(plan: Plan, world_size: int, pages_per_s: float) -> str:
         f"pages           {plan.total_pages} in total, {plan.committed_pages} already committed, "
         f"{todo} to do in {len(plan.todo)} unit(s)",
         f"unreadable      {len(unreadable)}",
+        f"kept, not given {plan.retired} document(s) whose input is no longer given or found: "
+        "committed pages kept, nothing scheduled",
         f"failed rows     {plan.failed_rows} committed with status error/render_error/fail"
         + (" (--retry-failed would do them again)" if plan.failed_rows else ""),
     ]
+    if plan.input_changes:
+        lines.insert(1, f"since manifest  {plan.input_changes}")
+    if plan.replaced_pages:
+        lines.append(f"replaced files  {plan.replaced_pages} committed page(s) of files changed in "
+                     "place: set aside to superseded/ (the files' new content is scheduled)")
     for e in unreadable[:20]:
         lines.append(f"  {e.source}{'::' + e.member if e.member else ''}: {e.error}")
     if len(unreadable) > 20:

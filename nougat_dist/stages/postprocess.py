@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nougat_dist.store.finalize import DOCUMENTS_FILE, read_pages
+from nougat_dist.store.index import add_allow_partial, require_finished
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, atomic_write_table, atomic_write_text
 from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR  # noqa: F401 (re-exported)
 
@@ -508,11 +509,13 @@ def _field_docs(cls: type) -> dict[str, str]:
 def add_clean_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", type=Path, help="a finished job's output dir (pages/, documents.parquet)")
     _add_option_flags(parser, CleanOptions)
+    add_allow_partial(parser)
 
 
 def run_clean(args: argparse.Namespace) -> int:
     import dataclasses
 
+    require_finished(args.output, args.allow_partial)
     opts = CleanOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CleanOptions)})
     report = clean(args.output, opts)
     print(report.summary())
@@ -527,11 +530,13 @@ def add_chunk_args(parser: argparse.ArgumentParser) -> None:
                              "count tokens with; default: a built-in word/punctuation/digit "
                              "tokenizer that needs no download")
     _add_option_flags(parser, ChunkOptions)
+    add_allow_partial(parser)
 
 
 def run_chunk(args: argparse.Namespace) -> int:
     import dataclasses
 
+    require_finished(args.output, args.allow_partial)
     opts = ChunkOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ChunkOptions)})
     stats = chunk(args.output, opts, args.tokenizer)
     print(f"chunk: {stats['chunks']} chunks ({stats['tokens']} tokens, tokenizer {stats['tokenizer']}) "

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from nougat_dist.store.finalize import DOCUMENTS_FILE
 from nougat_dist.stages.postprocess import CHUNKS_DIR, CHUNKS_SCHEMA, CLEAN_DIR, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_DIR, PAGES_SCHEMA, TMP_PREFIX
+from nougat_dist.store.index import add_allow_partial, require_finished
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,11 @@ def add_upload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-env", default=None,
                         help="name of an environment variable holding the Hub token (default: "
                              "huggingface_hub's HF_TOKEN or saved login); the token is never printed")
+    add_allow_partial(parser)
 
 
 def run_upload(args: argparse.Namespace) -> int:
+    require_finished(args.output, args.allow_partial)
     token = None
     if args.token_env:
         token = os.environ.get(args.token_env)

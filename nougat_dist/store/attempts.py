@@ -25,12 +25,14 @@ from typing import Any, Iterable
 import pyarrow.parquet as pq
 
 from nougat_dist.errors import SetupError
-from nougat_dist.store.chunks import PAGES_DIR, atomic_write_text
+from nougat_dist.store.chunks import PAGES_DIR, atomic_write_text, chunk_seq
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS_DIR = "attempts"
 _current: str | None = None
+#: This process's record, begun but not written until the job holds the output's lease.
+_pending: "AttemptRecord | None" = None
 EXIT_REASONS = {0: "complete", 75: "stopped", 2: "setup error"}
 
 
@@ -47,11 +49,18 @@ def attempt_id(env: dict[str, str] | None = None) -> str:
     return "-".join(p.replace("/", "_") for p in parts)
 
 
+def _seqs(out_dir: Path, rank: int) -> list[tuple[int, Path]]:
+    """(sequence number, path) of rank's committed chunks, names with or without a run part."""
+    out = []
+    for p in (out_dir / PAGES_DIR).glob(f"part-r{rank:05d}-*.parquet"):
+        seq = chunk_seq(p.name, rank)
+        if seq is not None:
+            out.append((seq, p))
+    return out
+
+
 def _next_seq(out_dir: Path, rank: int) -> int:
-    prefix = f"part-r{rank:05d}-"
-    seqs = [int(p.stem[len(prefix):]) for p in (out_dir / PAGES_DIR).glob(prefix + "*.parquet")
-            if p.stem[len(prefix):].isdigit()]
-    return max(seqs, default=-1) + 1
+    return max((seq for seq, _ in _seqs(out_dir, rank)), default=-1) + 1
 
 
 class AttemptRecord:
@@ -65,26 +74,33 @@ class AttemptRecord:
         while (self.dir / f"{self.key}.r{rank}.json").exists():
             self.key, n = f"{base}~{n}", n + 1
         self.path = self.dir / f"{self.key}.r{rank}.json"
+        self.out_dir, self.rank = out_dir, rank
+        self.written = False
         self.data: dict[str, Any] = {
             "attempt": self.key, "rank": rank, "world_size": world_size, "host": platform.node(),
             "device": device, "pid": os.getpid(), "start": time.time(),
-            "start_seq": _next_seq(out_dir, rank), "end": None, "exit": None}
+            "start_seq": None, "end": None, "exit": None}
 
     def begin(self) -> bool:
         """Write the start record; False if the output dir is not writable (the job's own
         check then reports it with a message that says what to do)."""
         global _current
+        self.data["start_seq"] = _next_seq(self.out_dir, self.rank)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(json.dumps(self.data) + "\n", self.path)
         except OSError as e:
             log.debug("no attempt record: %s", e)
             return False
+        self.written = True
         _current = self.key
         return True
 
     def end(self, code: int | None, reason: str | None = None) -> None:
-        """Record the exit (code None: an exception, named by `reason`)."""
+        """Record the exit (code None: an exception, named by `reason`); nothing when the start
+        was never written (the job stopped before it held the lease)."""
+        if not self.written:
+            return
         self.data["end"] = time.time()
         self.data["exit"] = reason or EXIT_REASONS.get(code, f"exit code {code}")
         try:
@@ -93,12 +109,28 @@ class AttemptRecord:
             log.warning("could not record the end of attempt %s: %s", self.key, e)
 
 
+def begin_when_leased(record: AttemptRecord) -> None:
+    """Begin `record` at `start()`, once the job holds the output's lease: a job refused by the
+    lease (or stopped by a setup error before it) leaves nothing in the output dir."""
+    global _pending
+    _pending = record
+
+
+def start() -> None:
+    """Begin the record of `begin_when_leased`, if any: every rank calls it once rank 0 holds
+    the output's lease."""
+    global _pending
+    record, _pending = _pending, None
+    if record is not None:
+        record.begin()
+
+
 def commit_after_failure(writer: Any) -> None:
     """Commit the finished units of a rank whose work loop failed (a collective broke because a
     peer died, say): each unit is complete, so keeping it is as safe as on a normal commit."""
     try:
         path = writer.commit()
-    except OSError as e:
+    except (OSError, SetupError) as e:  # SetupError: no space (store.chunks)
         log.error("could not commit the finished units after the failure: %s", e)
         return
     log.error("the work loop failed%s; run the same command again to resume",
@@ -121,9 +153,7 @@ def _read_records(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def _rank_chunks(out_dir: Path, rank: int, first: int, stop: float) -> list[Path]:
-    prefix = f"part-r{rank:05d}-"
-    return [p for p in (out_dir / PAGES_DIR).glob(prefix + "*.parquet")
-            if p.stem[len(prefix):].isdigit() and first <= int(p.stem[len(prefix):]) < stop]
+    return [p for seq, p in _seqs(out_dir, rank) if first <= seq < stop]
 
 
 def summarize(out_dir: Path, current: str) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nougat_dist import faults
+from nougat_dist.errors import SetupError
 from nougat_dist.store.layout import PAGES_DIR, TMP_PREFIX  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: A write that fails with one of these failed for want of space (EFBIG: a file size limit).
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _space_errors(path: Path):
+    """Turn a write that failed for want of space into one clear line (exit 2) instead of a
+    traceback: the temp file is gone and every committed file is intact, so making room and
+    running the same command again resumes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        raise SetupError(
+            f"no space to write {path} ({e.strerror}): what was committed before is intact. "
+            "Free space on the output's file system (or raise the quota or file-size limit), "
+            "then run the same command again to resume") from e
+
+
 def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes] | None = None,
                        before_replace: Callable[[], None] | None = None) -> None:
     """Write table to path so that readers see either the old file or the complete new one."""
@@ -71,6 +95,13 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    with _space_errors(path):
+        _write_replace(table, tmp, path, before_replace)
+    fsync_dir(path.parent)
+
+
+def _write_replace(table: pa.Table, tmp: Path, path: Path,
+                   before_replace: Callable[[], None] | None) -> None:
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f, compression="zstd")
@@ -82,18 +113,40 @@ def atomic_write_table(table: pa.Table, path: Path, metadata: dict[bytes, bytes]
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _space_errors(path):
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     fsync_dir(path.parent)
+
+
+def chunk_name(rank: int, seq: int, run_id: str = "") -> str:
+    """A chunk's file name: rank, a sequence number that continues across attempts, and the
+    attempt (run) that wrote it, so that no write of one run can replace another run's file
+    whatever the numbering (a lease taken over from a job that is still writing, an NFS listing
+    that missed a file). Chunks of earlier releases have no run part; both are read alike."""
+    run = re.sub(r"[^A-Za-z0-9._~+-]", "_", run_id)[:80]
+    return f"part-r{rank:05d}-{seq:06d}" + (f"-{run}" if run else "") + ".parquet"
+
+
+def chunk_seq(name: str, rank: int) -> int | None:
+    """The sequence number of rank's chunk named `name` (either form), or None if not one."""
+    prefix = f"part-r{rank:05d}-"
+    if not name.startswith(prefix) or not name.endswith(".parquet"):
+        return None
+    seq = name[len(prefix):-len(".parquet")].split("-", 1)[0]
+    return int(seq) if seq.isdigit() else None
 
 
 def chunk_units(path: Path) -> list[str]:
@@ -115,6 +168,8 @@ class ChunkWriter:
     commit_pages: int = 256
     commit_seconds: float = 60.0
     seq: int = 0
+    #: goes into every chunk name (default: this process's attempt, see store.attempts)
+    run_id: str = ""
     _open: dict[str, list[dict]] = field(default_factory=dict)
     _expected: dict[str, int] = field(default_factory=dict)
     _ready_rows: list[dict] = field(default_factory=list)
@@ -127,13 +182,16 @@ class ChunkWriter:
     def __post_init__(self) -> None:
         self.pages_dir = self.out_dir / PAGES_DIR
         self.pages_dir.mkdir(parents=True, exist_ok=True)
-        # Continue numbering after this rank's existing chunks so a resumed run never overwrites.
-        prefix = f"part-r{self.rank:05d}-"
-        for p in self.pages_dir.glob(prefix + "*.parquet"):
-            try:
-                self.seq = max(self.seq, int(p.stem[len(prefix):]) + 1)
-            except ValueError:
-                continue
+        # Continue numbering after this rank's existing chunks (the attempt records use the
+        # numbers to tell which attempt committed what).
+        for p in self.pages_dir.glob(f"part-r{self.rank:05d}-*.parquet"):
+            seq = chunk_seq(p.name, self.rank)
+            if seq is not None:
+                self.seq = max(self.seq, seq + 1)
+        if not self.run_id:
+            from nougat_dist.store import attempts  # it imports this module
+
+            self.run_id = attempts.current_attempt() or attempts.attempt_id()
 
     def expect(self, unit_key: str, n_rows: int) -> None:
         """Declare a unit that will receive n_rows rows."""
@@ -166,7 +224,7 @@ class ChunkWriter:
         if not self._ready_units:
             return None
         table = pa.Table.from_pylist(self._ready_rows, schema=PAGES_SCHEMA)
-        path = self.pages_dir / f"part-r{self.rank:05d}-{self.seq:06d}.parquet"
+        path = self.pages_dir / chunk_name(self.rank, self.seq, self.run_id)
         atomic_write_table(table, path, {UNITS_KEY: json.dumps(self._ready_units).encode()},
                            before_replace=lambda: faults.hit("commit"))
         log.debug("committed %s: %d rows, %d units", path.name, table.num_rows, len(self._ready_units))

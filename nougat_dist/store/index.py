@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -129,3 +132,79 @@ def set_aside(out_dir: Path, drop: Callable[[pa.Table], pa.Array], reason: str) 
         log.warning("%s: %d committed row(s) moved to %s and scheduled again", reason, moved,
                     layout.superseded)
     return moved
+
+
+def discard_committed(out_dir: Path) -> int:
+    """--discard-committed: move every committed chunk into superseded/discarded-<time>/ (kept,
+    not deleted), so the job starts over. Returns the rows moved."""
+    layout = OutputDir(out_dir)
+    paths = chunk_paths(out_dir)
+    if not paths:
+        return 0
+    aside = layout.superseded / f"discarded-{int(time.time())}"
+    aside.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    for p in paths:
+        rows += pq.read_metadata(p).num_rows
+        p.rename(aside / p.name)
+    log.warning("--discard-committed: %d committed page row(s) moved to %s", rows, aside)
+    return rows
+
+
+def invalidate_derived(out_dir: Path) -> list[Path]:
+    """Delete the outputs computed from the pages (`OutputDir.derived`): called when a run is
+    about to change the pages, so nothing stale says "finished" or gets uploaded. They are
+    recomputed (the job's end, `clean`, `chunk`). Returns what was removed."""
+    removed = []
+    for p in OutputDir(out_dir).derived():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    if removed:
+        log.warning("the pages change in this run: removed the outputs derived from them (%s); "
+                    "the end of the job writes documents and stats again, run clean/chunk again "
+                    "after it", ", ".join(p.name for p in removed))
+    return removed
+
+
+def unfinished_reason(out_dir: Path) -> str | None:
+    """Why out_dir is not a finished job's current output, or None when it is (or when it holds
+    no manifest, i.e. was not written by a job). A run that
+    changes the pages removes stats.json first (`invalidate_derived`), so its presence with
+    "complete" means the derived files match the pages."""
+    layout = OutputDir(out_dir)
+    if not layout.manifest.exists():
+        return None  # not a job's output (no manifest): the stage checks its own inputs
+    if not layout.stats.exists():
+        return (f"{out_dir} is not finished (no {layout.stats.name}): the job has not ended, or a "
+                "later run changed its pages; run the same job command to finish it")
+    try:
+        complete = json.loads(layout.stats.read_text()).get("complete")
+    except (OSError, ValueError) as e:
+        return f"cannot read {layout.stats}: {e}"
+    if not complete:
+        return f"{layout.stats} does not say complete: run the same job command to finish it"
+    return None
+
+
+def add_allow_partial(parser: argparse.ArgumentParser) -> None:
+    """The stage commands' --allow-partial flag."""
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="use an output whose job has not finished (or whose pages changed "
+                             "since it finished) as it is now; by default that is refused")
+
+
+def require_finished(out_dir: Path, allow_partial: bool = False) -> None:
+    """Raise ValueError (one line for the stage commands) unless out_dir is finished and
+    current; --allow-partial turns that into a warning."""
+    reason = unfinished_reason(out_dir)
+    if reason is None:
+        return
+    if allow_partial:
+        log.warning("%s; going on with what is committed (--allow-partial)", reason)
+        return
+    raise ValueError(reason + "; or pass --allow-partial to use what is committed now")

@@ -81,5 +81,7 @@ class OutputDir:
         return self.logs / f"rank{rank}.log"
 
     def derived(self) -> list[Path]:
-        """Files computed from the pages: stale as soon as the pages change."""
-        return [self.documents, self.stats, self.clean, self.chunks]
+        """Everything computed from the pages, stale as soon as they change: the one list that
+        invalidation (`store.index.invalidate_derived`) removes. The live status is in it because
+        a finished job's says "finished"."""
+        return [self.documents, self.stats, self.status, self.clean, self.chunks]

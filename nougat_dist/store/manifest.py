@@ -1,10 +1,18 @@
-"""The manifest: one row per input document, written once; it is the job's resume checkpoint."""
+"""The manifest: one row per input document; it is the job's resume checkpoint.
+
+It is written when a job starts and rewritten only when the inputs change. A later run with the
+same `--output` compares its inputs with it (`diff_inputs`): a document whose file has the same
+size and mtime is not read again; a new or changed file is hashed and counted (a changed one
+whose bytes differ is a new document, doc_id being the content hash); an input no longer given,
+or no longer found, keeps its row with `removed` set, so its committed pages stay in the output.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -15,7 +23,8 @@ import pyarrow.parquet as pq
 import pypdfium2
 
 from nougat_dist import faults
-from nougat_dist.inputs.sources import Source, read_bytes
+from nougat_dist.inputs import remote
+from nougat_dist.inputs.sources import Source, is_utf8, printable_name, read_bytes
 from nougat_dist.store.chunks import atomic_write_table
 from nougat_dist.store.layout import MANIFEST_FILE, OutputDir  # noqa: F401 (re-exported)
 
@@ -29,6 +38,14 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("bytes", pa.int64(), nullable=False),
     pa.field("sha256", pa.string(), nullable=False),
     pa.field("error", pa.string()),
+    # Size and mtime (ns) of the file holding the document (the archive, for a member) when it
+    # was hashed: a later run re-hashes only files whose size or mtime differ. Null: remote, or
+    # not stat-able.
+    pa.field("file_bytes", pa.int64()),
+    pa.field("file_mtime_ns", pa.int64()),
+    # The input is no longer given (or its file is gone): its committed pages are kept, its
+    # missing pages are not scheduled.
+    pa.field("removed", pa.bool_()),
 ])
 
 
@@ -43,6 +60,9 @@ class DocEntry:
     bytes: int
     sha256: str
     error: str | None = None
+    file_bytes: int | None = None
+    file_mtime_ns: int | None = None
+    removed: bool | None = False
 
 
 def describe_pdf_error(data: bytes, exc: Exception) -> str:
@@ -71,16 +91,40 @@ def describe_pdf_error(data: bytes, exc: Exception) -> str:
     return f"pdfium cannot open this PDF ({exc})"
 
 
+def file_stamp(src: Source) -> tuple[int, int] | None:
+    """(size, mtime_ns) of the local file holding the document (the archive, for a member), or
+    None (remote, missing, unreadable)."""
+    if remote.is_remote(src.source):
+        return None
+    try:
+        st = os.stat(src.source)
+    except (OSError, ValueError):
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def inspect(src: Source) -> DocEntry:
     """Hash the document and count its pages. Never raises for bad input: the reason goes in `error`."""
+    # Stamped before reading: a file rewritten while it is read has a newer mtime than the one
+    # recorded, so the next run hashes it again.
+    stamp = file_stamp(src) or (None, None)
+    if not (is_utf8(src.source) and is_utf8(src.member)):
+        # The dataset stores names as text: the row keeps the name with its odd bytes escaped,
+        # and says what to do, instead of failing the whole job when the manifest is written.
+        shown = _shown_name(src)
+        digest = hashlib.sha256(f"badname:{shown[0]}:{shown[1]}".encode()).hexdigest()
+        return DocEntry(digest, *shown, 0, 0, digest,
+                        "file name is not valid UTF-8 (its other bytes are shown as \\xNN): "
+                        "rename the file to UTF-8 (e.g. with convmv) to include it", *stamp)
     try:
         data = read_bytes(src)
     except FileNotFoundError:
         digest = hashlib.sha256(f"missing:{src.source}:{src.member}".encode()).hexdigest()
-        return DocEntry(digest, src.source, src.member, 0, 0, digest, "file not found")
+        return DocEntry(digest, src.source, src.member, 0, 0, digest, "file not found", *stamp)
     except OSError as e:
         digest = hashlib.sha256(f"unreadable:{src.source}:{src.member}".encode()).hexdigest()
-        return DocEntry(digest, src.source, src.member, 0, 0, digest, f"cannot read file: {e}")
+        return DocEntry(digest, src.source, src.member, 0, 0, digest, f"cannot read file: {e}",
+                        *stamp)
     digest = hashlib.sha256(data).hexdigest()
     n_pages, error = 0, None
     if not data:
@@ -97,7 +141,13 @@ def inspect(src: Source) -> DocEntry:
                 doc.close()
             if n_pages == 0:
                 error = "PDF has 0 pages"
-    return DocEntry(digest, src.source, src.member, n_pages, len(data), digest, error)
+    return DocEntry(digest, src.source, src.member, n_pages, len(data), digest, error, *stamp)
+
+
+def _shown_name(src: Source) -> tuple[str, str | None]:
+    """(source, member) as the manifest stores them (see `sources.printable_name`)."""
+    return (printable_name(src.source),
+            None if src.member is None else printable_name(src.member))
 
 
 def build_entries(sources: Sequence[Source], rank: int, world_size: int) -> list[tuple[int, DocEntry]]:
@@ -117,27 +167,126 @@ def to_table(entries: Iterable[DocEntry]) -> pa.Table:
     )
 
 
-def write(out_dir: Path, entries: Sequence[DocEntry]) -> "DocTable":
+def write(out_dir: Path, entries: "Sequence[DocEntry] | DocTable") -> "DocTable":
     """Write the manifest; returns it as a DocTable (the job keeps no per-row objects)."""
-    table = to_table(entries)
+    table = entries.table if isinstance(entries, DocTable) else to_table(entries)
     atomic_write_table(table, OutputDir(out_dir).manifest)
     return DocTable(table)
 
 
 def load(out_dir: Path) -> "DocTable | None":
-    """The manifest of a previous run in out_dir, or None when there is none."""
+    """The manifest of a previous run in out_dir, or None when there is none.
+
+    A manifest of an earlier release lacks the stamp and `removed` columns: they read as null,
+    so every file is hashed once more and the manifest is rewritten with them."""
     path = OutputDir(out_dir).manifest
     if not path.exists():
         return None
-    return DocTable(pq.read_table(path, schema=MANIFEST_SCHEMA))
+    table = pq.read_table(path)
+    for f in MANIFEST_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return DocTable(table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
 
 
-def same_inputs(entries: "DocTable", sources: Sequence[Source]) -> bool:
-    """Whether a manifest was built from exactly these sources (by name; contents are not re-hashed)."""
-    if len(entries) != len(sources):
-        return False
-    names = zip(entries.column("source"), entries.column("member"))
-    return all(a == (s.source, s.member) for a, s in zip(names, sources))
+@dataclass
+class InputChanges:
+    """How this run's inputs compare with the manifest (see `diff_inputs`)."""
+
+    #: per source, in order: the index of its manifest row still valid for it, or -1 (to inspect)
+    keep: np.ndarray
+    #: per source: its file is gone (its row is kept, marked removed)
+    vanished: np.ndarray
+    #: manifest rows whose input is not given any more (kept, marked removed)
+    gone: np.ndarray
+    new: int = 0  # sources without a manifest row
+    changed: int = 0  # sources whose file's size or mtime differ (or forced): hashed again
+    rewrite: bool = True  # whether the manifest changes at all
+
+    @property
+    def to_inspect(self) -> list[int]:
+        return np.flatnonzero(self.keep < 0).tolist()
+
+    def summary(self) -> str:
+        return (f"{self.new} new, {self.changed} hashed again (size or mtime changed, or asked "
+                f"for), {int(self.vanished.sum())} no longer found, {len(self.gone)} no longer given "
+                "(those two kept with their committed pages, not scheduled)")
+
+
+def diff_inputs(old: "DocTable | None", sources: Sequence[Source], recheck: bool = False,
+                recheck_errors: bool = False) -> InputChanges:
+    """Which sources need hashing again, and which manifest rows are no longer among the inputs.
+
+    A source keeps its manifest row when its file's size and mtime are those recorded (remote
+    sources: always, their spec names them). recheck: inspect every source again
+    (--rebuild-manifest); recheck_errors: inspect again the documents recorded as unreadable
+    (--retry-failed: a password set, a download back). Works on columns: one stat per file, no
+    per-row objects for the documents that did not change.
+    """
+    n = len(sources)
+    vanished = np.zeros(n, dtype=bool)
+    if old is None:
+        return InputChanges(np.full(n, -1, dtype=np.int64), vanished, np.zeros(0, np.int64), new=n)
+    t = old.table
+    names = {k: i for i, k in enumerate(zip(t["source"].to_pylist(), t["member"].to_pylist()))}
+    fbytes, fmtime = t["file_bytes"].to_pylist(), t["file_mtime_ns"].to_pylist()
+    errors = t["error"].is_valid().to_numpy(zero_copy_only=False)
+    was_removed = t["removed"].fill_null(False).to_numpy(zero_copy_only=False)
+    keep = np.full(n, -1, dtype=np.int64)
+    stamps: dict[str, tuple[int, int] | None] = {}  # an archive's members share one stat
+    new = changed = 0
+    for k, src in enumerate(sources):
+        i = names.pop(_shown_name(src), None)
+        if i is None:
+            new += 1
+            continue
+        if recheck or (recheck_errors and errors[i]):
+            changed += 1
+            continue
+        if remote.is_remote(src.source):
+            keep[k] = i
+            continue
+        if src.source not in stamps:
+            stamps[src.source] = file_stamp(src)
+        stamp = stamps[src.source]
+        if stamp is None:
+            # Gone (or unreadable) now: a document that read before keeps its row and pages; one
+            # that did not keeps its error row (--retry-failed looks again).
+            keep[k] = i
+            vanished[k] = not errors[i]
+        elif stamp == (fbytes[i], fmtime[i]):
+            keep[k] = i
+        else:
+            changed += 1
+    gone = np.array(sorted(names.values()), dtype=np.int64)
+    kept = keep >= 0
+    rewrite = bool((~kept).any() or len(gone) or (was_removed[keep[kept]] != vanished[kept]).any()
+                   or not was_removed[gone].all())
+    return InputChanges(keep, vanished, gone, new, changed, rewrite)
+
+
+def merge_inputs(old: "DocTable | None", ch: InputChanges,
+                 inspected: dict[int, DocEntry]) -> "DocTable":
+    """The new manifest: this run's sources in order (rows reused or just inspected), then the
+    rows of inputs no longer given, so a document's first occurrence is a current input when
+    there is one."""
+    kept = np.flatnonzero(ch.keep >= 0)
+    fresh = np.flatnonzero(ch.keep < 0)
+    parts = [to_table(inspected[i] for i in fresh.tolist())]
+    if old is not None:
+        parts = [old.table.take(pa.array(ch.keep[kept])).cast(MANIFEST_SCHEMA), parts[0],
+                 old.table.take(pa.array(ch.gone)).cast(MANIFEST_SCHEMA)]
+    table = pa.concat_tables(parts)
+    # Rows are [kept..., fresh..., gone...]: put the first two back in source order.
+    pos = np.empty(len(ch.keep), dtype=np.int64)
+    pos[kept] = np.arange(len(kept))
+    pos[fresh] = len(kept) + np.arange(len(fresh))
+    order = np.concatenate([pos, np.arange(len(ch.keep), table.num_rows)])
+    table = table.take(pa.array(order))
+    removed = np.concatenate([ch.vanished, np.ones(table.num_rows - len(ch.keep), dtype=bool)])
+    table = table.set_column(table.schema.get_field_index("removed"),
+                             MANIFEST_SCHEMA.field("removed"), pa.array(removed))
+    return DocTable(table)
 
 
 @dataclass(frozen=True)
@@ -266,7 +415,7 @@ class DocTable(Sequence[DocEntry]):
     which the work loop does a few times per page. Row i is DocEntry i of its source.
     """
 
-    COLUMNS = ("doc_id", "source", "member", "n_pages", "bytes", "sha256", "error")
+    COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table.combine_chunks()
@@ -317,19 +466,6 @@ class DocTable(Sequence[DocEntry]):
     def readable_array(self) -> np.ndarray:
         return self.table.column("error").is_null().to_numpy(zero_copy_only=False).copy()
 
-
-def reinspect_unreadable(entries: "DocTable") -> tuple["DocTable", int]:
-    """Inspect again the documents the manifest records as unreadable (for --retry-failed: a
-    password set, a download back). Returns the updated rows and how many now read."""
-    from nougat_dist.inputs.sources import Source
-
-    rows = list(entries)
-    fixed = 0
-    for i, e in enumerate(rows):
-        if e.error is None:
-            continue
-        again = inspect(Source(e.source, e.member))
-        if again.error is None:
-            fixed += 1
-        rows[i] = again
-    return DocTable(to_table(rows)), fixed
+    def removed_array(self) -> np.ndarray:
+        """Rows whose input is no longer given (null, in an older manifest, = False)."""
+        return self.table.column("removed").fill_null(False).to_numpy(zero_copy_only=False).copy()
