@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             # The job writes a node-local staging dir; BucketSync keeps the bucket in step.
             sync = BucketSync(cfg.output)
             sync.start(rank=info.rank, local_rank=info.local_rank,
-                       barrier=lambda: _barrier(info))
+                       barrier=lambda: _barrier(info), read_only=actions.plan)
             cfg.output = str(sync.local)
         # A plan writes nothing into the output dir, not even a log.
         nlog.setup(None if actions.plan else Path(cfg.output), info.rank, cfg.log_level)

@@ -262,6 +262,27 @@ def test_two_rank_job_writes_its_output_to_the_bucket(s3, local_run, tmp_path):
     assert staged == sorted(p.name for p in (got / "pages").glob("part-*.parquet")) and staged
 
 
+def test_a_plan_on_a_bucket_output_writes_nothing_there(s3, local_run, tmp_path):
+    """A plan only reads: it runs while another job holds the prefix's lease (a writer would be
+    refused), leaves that lease alone and adds no object."""
+    local, _ = local_run
+    out = url("out/planned")
+    other = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "other-node"), "slurm:4343")
+    other.holder.host = "another-node"
+    other.acquire()
+    try:
+        s3.invalidate_cache()
+        before = {p: s3.info(p)["size"] for p in s3.find(f"{BUCKET}/out/planned")}
+        proc = run_launch(["--input", str(local / "papers"), "--output", out, "--plan", *COMMON],
+                          check=False, env=job_env(tmp_path), timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s3.invalidate_cache()
+        assert {p: s3.info(p)["size"] for p in s3.find(f"{BUCKET}/out/planned")} == before
+        assert list(before) == [f"{BUCKET}/out/planned/lease.json"]
+    finally:
+        other.release()
+
+
 @pytest.mark.faults
 def test_kill9_then_resume_on_a_fresh_node_is_exactly_once(s3, local_run, tmp_path):
     """SIGKILL mid-run; the resume runs with an empty staging dir (another node) and gets what was

@@ -93,6 +93,7 @@ class BucketSync:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lease: BucketLease | None = None
+        self.read_only = False
 
     # --- listing --------------------------------------------------------------------------------
 
@@ -204,9 +205,19 @@ class BucketSync:
     # --- the job's side ----------------------------------------------------------------------------
 
     def start(self, *, rank: int, local_rank: int, barrier: Callable[[], None],
-              job_id: str | None = None, every_s: float | None = None) -> None:
-        """Lease (rank 0), pull (each node's first rank), barrier, then the background push."""
+              job_id: str | None = None, every_s: float | None = None,
+              read_only: bool = False) -> None:
+        """Lease (rank 0), pull (each node's first rank), barrier, then the background push.
+
+        read_only (a --plan): pull what is committed and nothing else; no lease, no push, so a
+        plan leaves the bucket as it found it."""
         self.local.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if read_only:
+            if local_rank == 0:
+                self.pull()
+            barrier()
+            return
         if rank == 0:
             self.lease = BucketLease(self, store_lease.job_id_from_env() if job_id is None else job_id)
             self.lease.acquire()
@@ -245,6 +256,8 @@ class BucketSync:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(60)
+        if self.read_only:
+            return
         own = f"{PAGES_DIR}/part-r{rank:05d}-"
         try:
             if rank == 0:
