@@ -34,6 +34,7 @@ from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, 
 from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
 from nougat_dist.store import index as committed_index
+from nougat_dist.store import report as store_report
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.status import STATUS_EVERY_S, STATUS_FILE, write_live_status
@@ -474,8 +475,8 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
                       out / STATUS_FILE)
     msg = (f"done: {docs_table.num_rows} documents, {plan.total_pages} pages "
            f"({pages_done} this run, {plan.committed_pages} resumed) in {wall:.1f}s → {out}")
-    if failed:
-        msg += (f"; completed with {failed} failed page(s), see status/error columns "
-                "(--retry-failed does them again)")
     log.info(msg)
+    # Which inputs need a look, by name: failed pages, unreadable inputs, duplicates.
+    for line in store_report.build(out).lines(out):
+        log.warning(line)
     return EXIT_OK

@@ -31,7 +31,11 @@ def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
     assert len(set(zip(df.doc_id, df.page))) == len(df)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["failed_pages"] == 1 and stats["per_rank"][0]["render_recoveries"] == 1
-    assert "completed with 1 failed page(s)" in proc.stderr
+    # the summary names the document and where every failure is listed
+    assert f"1 document(s) need a look (1 failed page(s), 0 unreadable): {pdfs[0]}" in proc.stderr
+    assert "--retry-failed` on the same command would OCR the 1 failed page(s) again" in proc.stderr
+    listed = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(d["document"], [p["page"] for p in d["pages"]]) for d in listed] == [(str(pdfs[0]), [2])]
     live = json.loads((out / "status.json").read_text())
     assert live["state"] == "finished" and live["failures_by_status"] == {"render_error": 1}
     docs = pd.read_parquet(out / "documents.parquet")

@@ -19,6 +19,7 @@ MANIFEST_FILE = "manifest.parquet"
 DOCUMENTS_FILE = "documents.parquet"
 STATUS_FILE = "status.json"
 STATS_FILE = "stats.json"
+FAILURES_FILE = "failures.jsonl"
 LEASE_FILE = "lease.json"
 SUPERSEDED_DIR = "superseded"
 
@@ -56,6 +57,11 @@ class OutputDir:
         return self.root / STATS_FILE
 
     @property
+    def failures(self) -> Path:
+        """Written at the end of a job with failed pages or unreadable inputs: one line each."""
+        return self.root / FAILURES_FILE
+
+    @property
     def clean(self) -> Path:
         return self.root / CLEAN_DIR
 
@@ -84,4 +90,4 @@ class OutputDir:
         """Everything computed from the pages, stale as soon as they change: the one list that
         invalidation (`store.index.invalidate_derived`) removes. The live status is in it because
         a finished job's says "finished"."""
-        return [self.documents, self.stats, self.status, self.clean, self.chunks]
+        return [self.documents, self.stats, self.status, self.failures, self.clean, self.chunks]
