@@ -103,7 +103,10 @@ def test_bad_inputs_become_error_rows(tmp_path, tiny_checkpoint, sample_pdfs, ba
     assert sorted(good.page) == list(range(1, len(pypdfium2.PdfDocument(sample_pdfs[2])) + 1))
     stats = json.loads((out / "stats.json").read_text())
     assert stats["failed_pages"] == len(expect)
-    assert f"completed with {len(expect)} failed page(s)" in proc.stderr
+    assert (f"{len(expect)} document(s) need a look (0 failed page(s), {len(expect)} unreadable)"
+            in proc.stderr), proc.stderr[-3000:]
+    listed = (out / "failures.jsonl").read_text()
+    assert all(name in listed for name in expect)
 
 
 def test_missing_input_path_is_a_clear_error(tmp_path, tiny_checkpoint):

@@ -21,6 +21,7 @@ def _output(tmp_path, statuses: dict[str, list[str]]):
         "error": [None, None, None, None, "not a PDF (starts with b'GIF8')"],
     }), out / "manifest.parquet")
     rows = [(d, i + 1, s) for d, ss in statuses.items() for i, s in enumerate(ss)]
+    rows.append(("z", 0, "error"))  # an unreadable input's one row
     pq.write_table(pa.table({
         "doc_id": [r[0] for r in rows], "page": [r[1] for r in rows],
         "status": [r[2] for r in rows],

@@ -81,6 +81,7 @@ def build(out: Path) -> Report:
             columns=["doc_id", "page", "status", "error"],
             filter=pc.field("status").isin(list(FAILED_STATUSES)))
         per_doc: dict[str, Counter] = defaultdict(Counter)
+        table = table.filter(pc.greater(table["page"], 0))  # page 0: an unreadable input's row
         for r in table.to_pylist():
             per_doc[r["doc_id"]][r["status"]] += 1
             reasons[r["doc_id"]].append({"page": r["page"], "status": r["status"], "error": r["error"]})
