@@ -21,6 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "status": ("how a job is going (running, finished, stopped or crashed): pages done, "
                "remaining, failed, speed, ETA; --watch refreshes",
                "nougat_dist.store.status", "add_status_args", "run_status"),
+    "finalize": ("(re)build documents/ and stats.json from the committed pages, without OCR: after "
+                 "a job killed in its end phase, or to redo it with another --memory-budget",
+                 "nougat_dist.store.finalize", "add_finalize_args", "run_finalize"),
     "clean": ("drop failed pages and MISSING_PAGE markers, normalise whitespace, remove repeated-"
               "line junk and low-quality pages, exact dedup; writes OUTPUT/clean/ and a report",
               "nougat_dist.stages.postprocess", "add_clean_args", "run_clean"),

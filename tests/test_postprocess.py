@@ -46,7 +46,8 @@ def write_job_output(out: Path) -> Path:
                        pages_dir / "part-r00001-000000.parquet")
     docs = [{"doc_id": k, "source": f"/in/{k}.pdf", "member": None, "n_pages": n, "n_failed": 0,
              "text": "", "duplicates": []} for k, n in (("A", 6), ("B", 3), ("C", 1), ("D", 0), ("E", 1))]
-    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA), out / "documents.parquet")
+    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA),
+                       out / "documents" / "train-00000-of-00001.parquet")
     return out
 
 
@@ -114,7 +115,8 @@ def test_clean_duplicate_documents(tmp_path: Path) -> None:
     atomic_write_table(pa.Table.from_pylist(rows, schema=PAGES_SCHEMA), tmp_path / "pages" / "part-r00000-000000.parquet")
     docs = [{"doc_id": k, "source": k, "member": None, "n_pages": 1, "n_failed": 0, "text": "",
              "duplicates": []} for k in "XY"]
-    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA), tmp_path / "documents.parquet")
+    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA),
+                       tmp_path / "documents" / "train-00000-of-00001.parquet")
     report = pp.clean(tmp_path)
     assert (report.pages_kept, report.documents_kept) == (1, 1)
     assert report.dropped_documents == {"duplicate_document": 1}
@@ -125,7 +127,7 @@ def test_clean_duplicate_documents(tmp_path: Path) -> None:
 
 def test_clean_needs_finished_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["clean", str(tmp_path)]) == 2
-    assert "documents.parquet not found" in capsys.readouterr().err
+    assert "documents not found" in capsys.readouterr().err
     assert main(["chunk", str(tmp_path)]) == 2
     assert "run `python -m nougat_dist clean" in capsys.readouterr().err
 
@@ -210,7 +212,7 @@ def test_datasets_loads_pages_documents_chunks(tmp_path: Path, monkeypatch: pyte
     pp.chunk(out, pp.ChunkOptions(max_tokens=30, overlap=5))
     cache = str(tmp_path / "hf-cache")
     for files, schema, n in ((str(out / "pages" / "*.parquet"), PAGES_SCHEMA, 12),
-                             (str(out / "documents.parquet"), DOCUMENTS_SCHEMA, 5),
+                             (str(out / "documents" / "*.parquet"), DOCUMENTS_SCHEMA, 5),
                              (str(out / "chunks" / "*.parquet"), pp.CHUNKS_SCHEMA, None)):
         ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
         assert ds.column_names == schema.names

@@ -47,7 +47,7 @@ def test_dry_run_plan_and_card(out_dir: Path, capsys: pytest.CaptureFixture[str]
     plan = [
         "create_repo org/papers (repo_type=dataset, exist_ok=True)",
         "commit 1/3: 4 operation(s)",
-        add("chunks/part-00000.parquet"), add("chunks/part-00001.parquet"), add("documents.parquet"),
+        add("chunks/part-00000.parquet"), add("chunks/part-00001.parquet"), add("documents/train-00000-of-00001.parquet"),
         add("pages/part-r00000-000000.parquet"),
         "commit 2/3: 4 operation(s)",
         add("pages/part-r00001-000000.parquet"), add("clean/documents.parquet"),
@@ -66,7 +66,7 @@ def test_card_yaml_configs_point_at_files(out_dir: Path) -> None:
     assert card == CARD.read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
     assert [(c["config_name"], c["data_files"][0]["path"]) for c in meta["configs"]] == [
-        ("chunks", "chunks/part-*.parquet"), ("documents", "documents.parquet"),
+        ("chunks", "chunks/part-*.parquet"), ("documents", "documents/train-*.parquet"),
         ("pages", "pages/part-*.parquet"), ("clean_documents", "clean/documents.parquet"),
         ("clean_pages", "clean/pages.parquet")]
     for c in meta["configs"]:
@@ -109,7 +109,8 @@ def test_upload_batches_and_retries_transient_errors(out_dir: Path) -> None:
     assert api.calls == [
         ("create_repo", "org/papers", {"repo_type": "dataset", "private": False, "exist_ok": True}),
         ("create_commit", "org/papers", ["chunks/part-00000.parquet", "chunks/part-00001.parquet",
-                                         "documents.parquet", "pages/part-r00000-000000.parquet",
+                                         "documents/train-00000-of-00001.parquet",
+                                         "pages/part-r00000-000000.parquet",
                                          "pages/part-r00001-000000.parquet", "clean/documents.parquet"],
          {"commit_message": "nougat-dist upload 1/2", "repo_type": "dataset"}),
         ("create_commit", "org/papers", ["clean/pages.parquet", "stats.json", "clean/report.json",

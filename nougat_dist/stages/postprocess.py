@@ -52,9 +52,10 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nougat_dist.store.finalize import DOCUMENTS_FILE, read_pages
+from nougat_dist.store.finalize import read_pages
+from nougat_dist.store.shards import shard_paths
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, atomic_write_table, atomic_write_text
-from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR  # noqa: F401 (re-exported)
+from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR, OutputDir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +218,10 @@ class CleanReport:
 
 
 def _documents(out_dir: Path) -> list[dict]:
-    path = out_dir / DOCUMENTS_FILE
-    if not path.exists():
+    path = OutputDir(out_dir).documents
+    if not shard_paths(path):
         raise FileNotFoundError(f"{path} not found: clean needs a finished job's output dir "
-                                f"(run launch.py to the end first)")
+                                f"(run the job to the end, or `nougat-dist finalize {out_dir}`)")
     return pq.read_table(path, schema=DOCUMENTS_SCHEMA,
                          columns=["doc_id", "source", "member"]).to_pylist()
 

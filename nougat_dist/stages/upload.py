@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nougat_dist.store.finalize import DOCUMENTS_FILE
+from nougat_dist.store.layout import DOCUMENTS_DIR
+from nougat_dist.store.shards import shard_glob
 from nougat_dist.stages.postprocess import CHUNKS_DIR, CHUNKS_SCHEMA, CLEAN_DIR, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_DIR, PAGES_SCHEMA, TMP_PREFIX
 
@@ -49,7 +50,7 @@ class Config:
 CONFIGS = (
     Config("chunks", f"{CHUNKS_DIR}/part-*.parquet", CHUNKS_SCHEMA,
            "token-limited chunks of the cleaned documents, for pretraining or RAG"),
-    Config("documents", DOCUMENTS_FILE, DOCUMENTS_SCHEMA, "one row per document, raw Nougat text"),
+    Config("documents", shard_glob(DOCUMENTS_DIR), DOCUMENTS_SCHEMA, "one row per document, raw Nougat text"),
     Config("pages", f"{PAGES_DIR}/part-*.parquet", PAGES_SCHEMA,
            "one row per page as Nougat wrote it, failures included"),
     Config("clean_documents", f"{CLEAN_DIR}/documents.parquet", CLEAN_DOCUMENTS_SCHEMA,
@@ -77,7 +78,7 @@ def planned_files(out_dir: Path) -> list[PlannedFile]:
                         if not p.name.startswith(TMP_PREFIX))
     names += [n for n in EXTRA_FILES if (out_dir / n).is_file()]
     if not any(n.endswith(".parquet") for n in names):
-        raise FileNotFoundError(f"{out_dir}: no Parquet output to upload (pages/, documents.parquet, "
+        raise FileNotFoundError(f"{out_dir}: no Parquet output to upload (pages/, documents/, "
                                 f"chunks/): run the job (and clean/chunk) first")
     return [PlannedFile(out_dir / n, n, (out_dir / n).stat().st_size) for n in names]
 

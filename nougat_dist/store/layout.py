@@ -16,7 +16,11 @@ CLEAN_DIR = "clean"
 CHUNKS_DIR = "chunks"
 LOGS_DIR = "logs"
 MANIFEST_FILE = "manifest.parquet"
+DOCUMENTS_DIR = "documents"
+#: Where releases before sharded outputs wrote the documents table (removed when documents/ is written).
 DOCUMENTS_FILE = "documents.parquet"
+SCRATCH_DIR = ".scratch"
+CLEAN_REPORT_FILE = "report.json"
 STATUS_FILE = "status.json"
 STATS_FILE = "stats.json"
 LEASE_FILE = "lease.json"
@@ -43,7 +47,18 @@ class OutputDir:
 
     @property
     def documents(self) -> Path:
+        """One row per document: Parquet shards `train-NNNNN-of-NNNNN.parquet` (store/shards)."""
+        return self.root / DOCUMENTS_DIR
+
+    @property
+    def legacy_documents(self) -> Path:
+        """The single-file documents table of older releases: stale once documents/ exists."""
         return self.root / DOCUMENTS_FILE
+
+    @property
+    def scratch(self) -> Path:
+        """Staging shards and spill files of finalize/clean/chunk; never read as data."""
+        return self.root / SCRATCH_DIR
 
     @property
     def status(self) -> Path:
@@ -60,7 +75,25 @@ class OutputDir:
         return self.root / CLEAN_DIR
 
     @property
+    def clean_pages(self) -> Path:
+        """Sharded, like documents/."""
+        return self.clean / "pages"
+
+    @property
+    def clean_documents(self) -> Path:
+        return self.clean / "documents"
+
+    @property
+    def clean_dropped(self) -> Path:
+        return self.clean / "dropped"
+
+    @property
+    def clean_report(self) -> Path:
+        return self.clean / CLEAN_REPORT_FILE
+
+    @property
     def chunks(self) -> Path:
+        """Sharded, like documents/."""
         return self.root / CHUNKS_DIR
 
     @property
