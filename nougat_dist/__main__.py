@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "clean": ("drop failed pages and MISSING_PAGE markers, normalise whitespace, remove repeated-"
               "line junk and low-quality pages, exact dedup; writes OUTPUT/clean/ and a report",
               "nougat_dist.stages.postprocess", "add_clean_args", "run_clean"),
-    "chunk": ("cut OUTPUT/clean/pages.parquet into token-limited chunks at markdown section and "
+    "chunk": ("cut OUTPUT/clean/pages/ into token-limited chunks at markdown section and "
               "paragraph boundaries; writes OUTPUT/chunks/",
               "nougat_dist.stages.postprocess", "add_chunk_args", "run_chunk"),
     "upload": ("push the Parquet dataset in OUTPUT to a Hugging Face Hub dataset repo with a "

@@ -232,3 +232,12 @@ def test_parse_size() -> None:
     assert finalize.parse_size("4096") == 4096
     with pytest.raises(ValueError, match="not a size"):
         finalize.parse_size("lots")
+
+
+def test_finish_text_is_the_clis_expression() -> None:
+    import re
+
+    rng = random.Random(1)
+    for _ in range(500):
+        s = "".join(rng.choice(["\n", "\n", "\n", " ", "a", "\u3000", "\t", "b\n"]) for _ in range(rng.randint(0, 40)))
+        assert finalize.finish_text(s) == re.sub(r"\n{3,}", "\n\n", s.strip()).strip()

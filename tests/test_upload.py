@@ -47,13 +47,13 @@ def test_dry_run_plan_and_card(out_dir: Path, capsys: pytest.CaptureFixture[str]
     plan = [
         "create_repo org/papers (repo_type=dataset, exist_ok=True)",
         "commit 1/3: 4 operation(s)",
-        add("chunks/part-00000.parquet"), add("chunks/part-00001.parquet"), add("documents/train-00000-of-00001.parquet"),
-        add("pages/part-r00000-000000.parquet"),
+        add("chunks/train-00000-of-00002.parquet"), add("chunks/train-00001-of-00002.parquet"),
+        add("documents/train-00000-of-00001.parquet"), add("pages/part-r00000-000000.parquet"),
         "commit 2/3: 4 operation(s)",
-        add("pages/part-r00001-000000.parquet"), add("clean/documents.parquet"),
-        add("clean/pages.parquet"), add("stats.json"),
+        add("pages/part-r00001-000000.parquet"), add("clean/documents/train-00000-of-00001.parquet"),
+        add("clean/pages/train-00000-of-00001.parquet"), add("stats.json"),
         "commit 3/3: 3 operation(s)",
-        add("clean/report.json"), add("clean/dropped.parquet"),
+        add("clean/report.json"), add("clean/dropped/train-00000-of-00001.parquet"),
         f"  add README.md <- generated dataset card ({len(card.encode())} bytes, sha256 "
         f"{hashlib.sha256(card.encode()).hexdigest()[:16]})",
         "--- README.md ---",
@@ -66,9 +66,9 @@ def test_card_yaml_configs_point_at_files(out_dir: Path) -> None:
     assert card == CARD.read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
     assert [(c["config_name"], c["data_files"][0]["path"]) for c in meta["configs"]] == [
-        ("chunks", "chunks/part-*.parquet"), ("documents", "documents/train-*.parquet"),
-        ("pages", "pages/part-*.parquet"), ("clean_documents", "clean/documents.parquet"),
-        ("clean_pages", "clean/pages.parquet")]
+        ("chunks", "chunks/train-*.parquet"), ("documents", "documents/train-*.parquet"),
+        ("pages", "pages/part-*.parquet"), ("clean_documents", "clean/documents/train-*.parquet"),
+        ("clean_pages", "clean/pages/train-*.parquet")]
     for c in meta["configs"]:
         assert sorted(out_dir.glob(c["data_files"][0]["path"]))
 
@@ -108,13 +108,16 @@ def test_upload_batches_and_retries_transient_errors(out_dir: Path) -> None:
     assert infos == ["commit-2", "commit-3"]
     assert api.calls == [
         ("create_repo", "org/papers", {"repo_type": "dataset", "private": False, "exist_ok": True}),
-        ("create_commit", "org/papers", ["chunks/part-00000.parquet", "chunks/part-00001.parquet",
+        ("create_commit", "org/papers", ["chunks/train-00000-of-00002.parquet",
+                                         "chunks/train-00001-of-00002.parquet",
                                          "documents/train-00000-of-00001.parquet",
                                          "pages/part-r00000-000000.parquet",
-                                         "pages/part-r00001-000000.parquet", "clean/documents.parquet"],
+                                         "pages/part-r00001-000000.parquet",
+                                         "clean/documents/train-00000-of-00001.parquet"],
          {"commit_message": "nougat-dist upload 1/2", "repo_type": "dataset"}),
-        ("create_commit", "org/papers", ["clean/pages.parquet", "stats.json", "clean/report.json",
-                                         "clean/dropped.parquet", "README.md"],
+        ("create_commit", "org/papers", ["clean/pages/train-00000-of-00001.parquet", "stats.json",
+                                         "clean/report.json", "clean/dropped/train-00000-of-00001.parquet",
+                                         "README.md"],
          {"commit_message": "nougat-dist upload 2/2", "repo_type": "dataset"}),
     ]
     assert api.card == CARD.read_bytes()

@@ -26,7 +26,9 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nougat_dist.store.layout import DOCUMENTS_DIR
+from nougat_dist.store.finalize import status_counts
+from nougat_dist.store.index import chunk_paths, committed_models
+from nougat_dist.store.layout import CLEAN_REPORT_FILE, DOCUMENTS_DIR
 from nougat_dist.store.shards import shard_glob
 from nougat_dist.stages.postprocess import CHUNKS_DIR, CHUNKS_SCHEMA, CLEAN_DIR, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_DIR, PAGES_SCHEMA, TMP_PREFIX
@@ -48,17 +50,17 @@ class Config:
 
 
 CONFIGS = (
-    Config("chunks", f"{CHUNKS_DIR}/part-*.parquet", CHUNKS_SCHEMA,
+    Config("chunks", shard_glob(CHUNKS_DIR), CHUNKS_SCHEMA,
            "token-limited chunks of the cleaned documents, for pretraining or RAG"),
     Config("documents", shard_glob(DOCUMENTS_DIR), DOCUMENTS_SCHEMA, "one row per document, raw Nougat text"),
     Config("pages", f"{PAGES_DIR}/part-*.parquet", PAGES_SCHEMA,
            "one row per page as Nougat wrote it, failures included"),
-    Config("clean_documents", f"{CLEAN_DIR}/documents.parquet", CLEAN_DOCUMENTS_SCHEMA,
+    Config("clean_documents", shard_glob(f"{CLEAN_DIR}/documents"), CLEAN_DOCUMENTS_SCHEMA,
            "documents after clean/filter/dedup"),
-    Config("clean_pages", f"{CLEAN_DIR}/pages.parquet", CLEAN_PAGES_SCHEMA, "pages after clean/filter/dedup"),
+    Config("clean_pages", shard_glob(f"{CLEAN_DIR}/pages"), CLEAN_PAGES_SCHEMA, "pages after clean/filter/dedup"),
 )
 # Side files uploaded as they are (reports a reader of the dataset may want).
-EXTRA_FILES = ("stats.json", f"{CLEAN_DIR}/report.json", f"{CLEAN_DIR}/dropped.parquet")
+EXTRA_FILES = ("stats.json", f"{CLEAN_DIR}/{CLEAN_REPORT_FILE}", shard_glob(f"{CLEAN_DIR}/dropped"))
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def planned_files(out_dir: Path) -> list[PlannedFile]:
     for cfg in CONFIGS:
         names += sorted(str(p.relative_to(out_dir)) for p in out_dir.glob(cfg.pattern)
                         if not p.name.startswith(TMP_PREFIX))
-    names += [n for n in EXTRA_FILES if (out_dir / n).is_file()]
+    for pattern in EXTRA_FILES:
+        names += sorted(str(p.relative_to(out_dir)) for p in out_dir.glob(pattern) if p.is_file())
     if not any(n.endswith(".parquet") for n in names):
         raise FileNotFoundError(f"{out_dir}: no Parquet output to upload (pages/, documents/, "
                                 f"chunks/): run the job (and clean/chunk) first")
@@ -114,17 +117,12 @@ def dataset_card(out_dir: Path, repo_id: str) -> str:
             "(unmodified), run with nougat-dist.", "", "## Contents", ""]
     body += [f"- `{cfg.name}` ({cfg.pattern}): {cfg.description}" for cfg, _ in present]
     body += ["", "## Statistics", ""] + stats
-    pages = out_dir / PAGES_DIR
-    page_files = sorted(pages.glob("part-*.parquet")) if pages.is_dir() else []
-    if page_files:
-        table = pa.concat_tables(pq.read_table(p, columns=["status", "model", "dtype"]) for p in page_files)
-        counts: dict[str, int] = {}
-        for s in table["status"].to_pylist():
-            counts[s] = counts.get(s, 0) + 1
+    if chunk_paths(out_dir):  # counted one chunk at a time
+        counts = status_counts(out_dir)
         body += ["", "Pages by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + "."]
-        models = sorted(set(zip(table["model"].to_pylist(), table["dtype"].to_pylist())))
+        models = sorted(committed_models(out_dir))
         body += ["", "Model: " + "; ".join(f"`{m}` ({d})" for m, d in models) + "."]
-    report = out_dir / CLEAN_DIR / "report.json"
+    report = out_dir / CLEAN_DIR / CLEAN_REPORT_FILE
     if report.is_file():
         rep = json.loads(report.read_text())
         dropped = ", ".join(f"{k} {v}" for k, v in rep.get("dropped_pages", {}).items()) or "none"
@@ -136,7 +134,7 @@ def dataset_card(out_dir: Path, repo_id: str) -> str:
              "preprocessing and markdown postprocessing; pages that failed are rows with a status.",
              "3. `python -m nougat_dist clean` dropped failed pages, Nougat's MISSING_PAGE markers, "
              "repeated lines, running headers/footers, low-quality and duplicate pages "
-             "(see clean/report.json and clean/dropped.parquet).",
+             "(see clean/report.json and clean/dropped/).",
              "4. `python -m nougat_dist chunk` cut token-limited chunks at markdown boundaries.",
              "", "## Schema"]
     for cfg, _ in present:

@@ -73,6 +73,36 @@ def scratch_dir(out_dir: Path, stage: str) -> Path:
     return d
 
 
+def whole_groups(batches: Iterator[pa.RecordBatch], key: str) -> Iterator[pa.Table]:
+    """Tables of complete groups from batches sorted by `key` (a group may span batches: the
+    last group of a batch waits for the next batch). Memory: one batch plus one group."""
+    import numpy as np
+
+    carry: pa.Table | None = None
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        if carry is not None:
+            table = pa.concat_tables([carry, table])
+        if table.num_rows == 0:
+            continue
+        table = table.combine_chunks()
+        keys = table.column(key).to_numpy()
+        last_start = int(np.flatnonzero(keys == keys[-1])[0])
+        if last_start > 0:
+            yield table.slice(0, last_start)
+        carry = table.slice(last_start)
+    if carry is not None and carry.num_rows:
+        yield carry
+
+
+def group_starts(table: pa.Table, key: str) -> "list[int]":
+    """Row index where each group of a table sorted by `key` starts."""
+    import numpy as np
+
+    keys = table.column(key).to_numpy()
+    return [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist()] if len(keys) else []
+
+
 def clear_scratch(out_dir: Path, *stages: str) -> None:
     """Remove the scratch dirs of `stages` (and OUTPUT/.scratch itself once it is empty)."""
     root = OutputDir(out_dir).scratch
@@ -93,12 +123,16 @@ class ShardWriter:
     """
 
     def __init__(self, target: Path, schema: pa.Schema, staging: Path, *, split: str = SPLIT,
-                 max_shard_bytes: int | None = None, row_group_bytes: int | None = None) -> None:
+                 max_shard_bytes: int | None = None, row_group_bytes: int | None = None,
+                 max_shard_rows: int | None = None) -> None:
         self.target = target
         self.schema = schema
         self.split = split
         self.max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
         self.row_group_bytes = ROW_GROUP_BYTES if row_group_bytes is None else row_group_bytes
+        self.max_shard_rows = max_shard_rows
+        self._shard_flushed_rows = 0  # rows written to the open shard
+        self._buffered_rows = 0
         self.staging = staging / target.name
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
@@ -116,12 +150,24 @@ class ShardWriter:
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
         data = data.cast(self.schema) if data.schema != self.schema else data
-        for batch in data.to_batches():
-            self._buffer.append(batch)
-            self._buffered += batch.nbytes
-            self.rows += batch.num_rows
-            if self._buffered >= self.row_group_bytes:
+        while data.num_rows:
+            take = data.num_rows
+            if self.max_shard_rows is not None:
+                take = min(take, self.max_shard_rows - self._open_rows())
+            for batch in data.slice(0, take).to_batches():
+                self._buffer.append(batch)
+                self._buffered += batch.nbytes
+                self._buffered_rows += batch.num_rows
+            self.rows += take
+            data = data.slice(take)
+            if self.max_shard_rows is not None and self._open_rows() >= self.max_shard_rows:
                 self._flush()
+                self._close_shard()
+            elif self._buffered >= self.row_group_bytes:
+                self._flush()
+
+    def _open_rows(self) -> int:
+        return self._shard_flushed_rows + self._buffered_rows
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -133,11 +179,13 @@ class ShardWriter:
             self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
         table = pa.Table.from_batches(self._buffer, schema=self.schema)
         self._writer.write_table(table, row_group_size=table.num_rows)
-        self._buffer, self._buffered = [], 0
+        self._shard_flushed_rows += table.num_rows
+        self._buffer, self._buffered, self._buffered_rows = [], 0, 0
         if self._file.tell() >= self.max_shard_bytes:
             self._close_shard()
 
     def _close_shard(self) -> None:
+        self._shard_flushed_rows = 0
         if self._writer is None:
             return
         self._writer.close()
