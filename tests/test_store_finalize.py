@@ -15,7 +15,7 @@ import pytest
 
 from nougat_dist.__main__ import main
 from nougat_dist.store import finalize, index, manifest, shards
-from nougat_dist.store.chunks import (DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, ChunkWriter,
+from nougat_dist.store.chunks import (PAGES_SCHEMA, UNITS_KEY, ChunkWriter,
                                       atomic_write_table, chunk_units)
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.manifest import DocEntry, parse_unit_key, unit_key
@@ -129,6 +129,8 @@ def test_streaming_finalize_gives_the_in_memory_join(tmp_path: Path, monkeypatch
     expected = _reference_documents(ref, entries)
     assert expected[-1] == {"removed": 5}  # the raced unit (4 rows) and the re-committed page
     monkeypatch.setattr(finalize, "BATCH_ROWS", 3)  # documents span sorted batches
+    # buckets of 2 pages: several buckets, one document larger than a bucket
+    monkeypatch.setattr(finalize, "pages_per_bucket", lambda paths, budget: 2)
     result = finalize.finalize(out, memory_budget=256 * 2**20)
     got = finalize.read_documents(out).to_pylist()
     assert got == expected[:-1]

@@ -55,7 +55,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nougat_dist.store.chunks import PAGES_SCHEMA, atomic_write_text
-from nougat_dist.store.finalize import DEFAULT_MEMORY_BUDGET, parse_size
+from nougat_dist.store.finalize import (DEFAULT_MEMORY_BUDGET, pages_per_bucket, parse_size,
+                                        sorted_by_buckets)
 from nougat_dist.store.index import chunk_paths
 from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR, CLEAN_REPORT_FILE, OutputDir  # noqa: F401
 from nougat_dist.store.shards import (ShardWriter, clear_scratch, group_starts, iter_batches,
@@ -230,16 +231,22 @@ def _documents(out_dir: Path) -> list[Path]:
     return paths
 
 
-# Pass 1: every document's committed pages, in documents/ order then page order (a document
-# without pages: one row with a null page).
-_CLEAN_INPUT_SQL = """
+# The documents of documents/ in order, each in a bucket of consecutive documents that fits memory.
+_CLEAN_DOCS_SQL = """
+CREATE OR REPLACE TEMP TABLE cdocs AS
 WITH d AS (
-    SELECT row_number() OVER (ORDER BY filename, file_row_number) AS ord, doc_id, source, member
-    FROM read_parquet($documents, filename = true, file_row_number = true)),
-p AS (SELECT doc_id, page, status, text FROM read_parquet($pages))
-SELECT d.ord, d.doc_id, d.source, d.member, p.page, p.status, p.text
-FROM d LEFT JOIN p USING (doc_id)
-ORDER BY d.ord, p.page
+    SELECT row_number() OVER (ORDER BY filename, file_row_number) AS ord, doc_id, source, member, n_pages
+    FROM read_parquet($documents, filename = true, file_row_number = true))
+SELECT *, ((sum(greatest(n_pages, 1)) OVER (ORDER BY ord ROWS UNBOUNDED PRECEDING) - 1)
+           // $pages_per_bucket)::INTEGER AS bucket
+FROM d
+"""
+
+# Pass 1: every document's committed pages (a document without pages: one row with a null page),
+# unordered; sorted by document, then page, one bucket at a time (finalize.sorted_by_buckets).
+_CLEAN_INPUT_SQL = """
+SELECT d.bucket, d.ord, d.doc_id, d.source, d.member, p.page, p.status, p.text
+FROM cdocs d LEFT JOIN (SELECT doc_id, page, status, text FROM read_parquet($pages)) p USING (doc_id)
 """
 
 # Pass 2: the dedup of step 6 as two spilling group-bys. A document is a duplicate when an earlier
@@ -261,12 +268,12 @@ kept AS (
 first_page AS (
     SELECT sha, min(pos) AS first_pos, arg_min(doc_id, pos) AS first_doc, arg_min(page, pos) AS first_page
     FROM kept GROUP BY sha)
-SELECT info.ord, info.doc_id, info.doc_sha, info.dup_of, g.source, g.member, g.page, g.text, g.sha,
+SELECT cdocs.bucket, info.ord, info.doc_id, info.doc_sha, info.dup_of, g.source, g.member, g.page,
+       g.text, g.sha,
        CASE WHEN info.dup_of IS NULL AND fp.first_pos < g.ord * 4294967296 + g.page
             THEN fp.first_doc END AS page_dup_doc,
        fp.first_page AS page_dup_page
-FROM info LEFT JOIN g USING (ord) LEFT JOIN first_page fp USING (sha)
-ORDER BY info.ord, g.page
+FROM info JOIN cdocs USING (ord) LEFT JOIN g USING (ord) LEFT JOIN first_page fp USING (sha)
 """
 
 _GOOD_SCHEMA = pa.schema([("ord", pa.int64()), ("doc_id", pa.string()), ("source", pa.string()),
@@ -287,6 +294,7 @@ def clean(out_dir: Path, opts: CleanOptions = CleanOptions(),
     which spills to OUTPUT/.scratch/ beyond its share of `memory_budget`.
     """
     from nougat_dist.store.finalize import connect
+
 
     out_dir = Path(out_dir)
     layout = OutputDir(out_dir)
@@ -315,9 +323,12 @@ def clean(out_dir: Path, opts: CleanOptions = CleanOptions(),
         # Pass 1: steps 1-5, one document at a time.
         good = ShardWriter(scratch / "good", _GOOD_SCHEMA, scratch / "staging")
         doc_shas = ShardWriter(scratch / "docs", _DOC_SHA_SCHEMA, scratch / "staging")
-        reader = con.sql(_CLEAN_INPUT_SQL, params={"documents": [str(p) for p in doc_paths],
-                                                   "pages": page_paths}).to_arrow_reader(2048)
-        for table in whole_groups(iter(reader), "ord"):
+        con.execute(_CLEAN_DOCS_SQL, {"documents": [str(p) for p in doc_paths],
+                                      "pages_per_bucket": pages_per_bucket(page_paths, memory_budget)}
+                    ).fetchall()
+        n_buckets = con.execute("SELECT coalesce(max(bucket), -1) + 1 FROM cdocs").fetchall()[0][0]
+        rows = sorted_by_buckets(con, _CLEAN_INPUT_SQL, {"pages": page_paths}, scratch / "pass1", n_buckets)
+        for table in whole_groups(rows, "ord"):
             ords, doc_ids, sources, members, pages, statuses, texts = _columns(
                 table, ["ord", "doc_id", "source", "member", "page", "status", "text"])
             starts = group_starts(table, "ord")
@@ -363,10 +374,10 @@ def clean(out_dir: Path, opts: CleanOptions = CleanOptions(),
         # Pass 2: step 6 (dedup), then the outputs, in document order.
         out_pages = ShardWriter(layout.clean_pages, CLEAN_PAGES_SCHEMA, scratch)
         out_docs = ShardWriter(layout.clean_documents, CLEAN_DOCUMENTS_SCHEMA, scratch)
-        reader = con.sql(_CLEAN_DEDUP_SQL, params={"good": [str(p) for p in good_paths],
-                                                   "docs": [str(p) for p in doc_paths_2]}
-                         ).to_arrow_reader(2048)
-        for table in whole_groups(iter(reader), "ord"):
+        rows = sorted_by_buckets(con, _CLEAN_DEDUP_SQL, {"good": [str(p) for p in good_paths],
+                                                         "docs": [str(p) for p in doc_paths_2]},
+                                 scratch / "pass2", n_buckets)
+        for table in whole_groups(rows, "ord"):
             cols = _columns(table, ["doc_id", "doc_sha", "dup_of", "source", "member", "page", "text",
                                     "sha", "page_dup_doc", "page_dup_page"])
             doc_ids, doc_sha, dup_of, sources, members, pages, texts, shas, pdoc, ppage = cols

@@ -3,10 +3,11 @@
 Runs at the end of a job (rank 0) and as `nougat-dist finalize OUT`, which rebuilds the same
 outputs from what is committed, any number of times, without OCR.
 
-Memory is bounded whatever the corpus size: the group-by and the sort behind the documents table
-run in DuckDB, which spills to OUTPUT/.scratch/ beyond its memory limit, and Python holds one
-batch of sorted page rows plus one document at a time. The peak is set by the memory budget
-(`--memory-budget`) and by the largest single document's text, not by the number of pages.
+Memory is bounded whatever the corpus size. DuckDB (spilling to OUTPUT/.scratch/ beyond its
+share of `--memory-budget`) finds duplicate rows and streams the join of pages to documents,
+unordered, into buckets of consecutive documents on disk (one Parquet file each); each bucket, sized
+to a fifth of the budget, is then sorted in memory and joined one document at a time. The peak is
+set by the budget and by the largest single document, not by the number of pages.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -62,13 +64,13 @@ def parse_size(text: str) -> int:
 def connect(scratch: Path, memory_budget: int) -> "duckdb.DuckDBPyConnection":
     """An in-memory DuckDB that spills to `scratch` beyond its share of the budget.
 
-    DuckDB gets 60% of the budget; the rest is for the batches and the document Python holds and
+    DuckDB gets 40% of the budget; the rest is for the batches and the document Python holds and
     for the Parquet writer's row group.
     """
     import duckdb
 
     con = duckdb.connect(":memory:")
-    limit = max(64 * 2**20, int(memory_budget * 0.6))
+    limit = max(64 * 2**20, int(memory_budget * 0.4))
     con.execute(f"SET memory_limit = '{limit // 2**20}MiB'")
     con.execute(f"SET temp_directory = '{scratch}'")
     # Order comes from explicit ORDER BY; keeping scan order would cost memory in every operator.
@@ -196,10 +198,10 @@ def page_text_for_document(page: int, text: str, status: str) -> str:
     return text
 
 
-# One row per (document, page) in document order, then page order; documents without pages get
-# one row with a null page. `piece` is what the page adds to the document's text (nothing for a
-# page-0 error row; the FAIL marker for a page that did not render, as page_text_for_document).
-_DOCUMENT_ROWS_SQL = """
+# The documents (first occurrence of each doc_id in the manifest; the later ones are its
+# duplicates), each in a bucket: a range of consecutive documents of about $pages_per_bucket pages.
+_DOCS_SQL = """
+CREATE OR REPLACE TEMP TABLE docs AS
 WITH m AS (
     SELECT file_row_number AS rn, doc_id, source, member, n_pages
     FROM read_parquet($manifest, file_row_number = true)),
@@ -208,20 +210,104 @@ dups AS (
     SELECT doc_id, list(CASE WHEN member IS NULL THEN source ELSE source || '::' || member END
                         ORDER BY rn) AS duplicates
     FROM k WHERE k > 1 GROUP BY doc_id),
-docs AS (
+firsts AS (
     SELECT k.rn AS ord, k.doc_id, k.source, k.member, k.n_pages, dups.duplicates
-    FROM k LEFT JOIN dups USING (doc_id) WHERE k.k = 1),
-pages AS (SELECT doc_id, page, status, text FROM read_parquet($pages))
-SELECT docs.ord, docs.doc_id, docs.source, docs.member, docs.n_pages, docs.duplicates,
+    FROM k LEFT JOIN dups USING (doc_id) WHERE k.k = 1)
+SELECT *, ((sum(greatest(n_pages, 1)) OVER (ORDER BY ord ROWS UNBOUNDED PRECEDING) - 1)
+           // $pages_per_bucket)::INTEGER AS bucket
+FROM firsts
+"""
+
+# One row per (document, page), unordered (a streaming hash join: no sort holds the corpus);
+# documents without pages get one row with a null page. `piece` is what the page adds to the
+# document's text (nothing for a page-0 error row; the FAIL marker for a page that did not
+# render, as page_text_for_document).
+_DOCUMENT_ROWS_SQL = """
+SELECT docs.bucket, docs.ord, docs.doc_id, docs.source, docs.member, docs.n_pages, docs.duplicates,
        pages.page,
        CASE WHEN pages.page IS NULL OR pages.page <= 0 THEN ''
             WHEN pages.status = 'render_error'
                 THEN concat(chr(10), chr(10), '[MISSING_PAGE_FAIL:', pages.page, ']', chr(10), chr(10))
             ELSE pages.text END AS piece,
        coalesce(pages.status IN ('fail', 'render_error', 'error'), false) AS failed
-FROM docs LEFT JOIN pages USING (doc_id)
-ORDER BY docs.ord, pages.page
+FROM docs LEFT JOIN (SELECT doc_id, page, status, text FROM read_parquet($pages)) pages USING (doc_id)
 """
+
+
+def pages_per_bucket(paths: Sequence[str], memory_budget: int) -> int:
+    """Pages whose rows fit a fifth of the budget, from the chunk footers' text sizes (a bucket
+    is read and sorted whole: two copies of it, plus the document being joined)."""
+    rows = text = 0
+    for p in paths:
+        meta = pq.read_metadata(p)
+        if not meta.num_rows or "text" not in meta.schema.names:
+            continue
+        i = meta.schema.names.index("text")
+        rows += meta.num_rows
+        text += sum(meta.row_group(g).column(i).total_uncompressed_size for g in range(meta.num_row_groups))
+    per_row = (text / rows if rows else 3000) + 300  # + the document's columns on every row
+    return max(1, int(memory_budget * 0.2 / per_row))
+
+
+def sorted_by_buckets(con: "duckdb.DuckDBPyConnection", rows_sql: str, params: dict,
+                      scratch: Path, n_buckets: int,
+                      keys: Sequence[str] = ("ord", "page")) -> Iterator[pa.RecordBatch]:
+    """The rows of `rows_sql` in bucket order, then `keys` order, in bounded memory.
+
+    `rows_sql` yields a `bucket` column (buckets are ranges of consecutive documents sized to fit
+    memory). Pass 1 streams the unordered rows into one Parquet file per bucket (row groups of at
+    most ~64 MiB over all buckets wait in memory); pass 2 reads one bucket at a time and sorts it in memory. A global ORDER BY in DuckDB
+    failed at 1M pages under a 409 MiB limit (its merge pinned more blocks than the limit held).
+    """
+    reader = con.sql(rows_sql, params=params).to_arrow_reader(BATCH_ROWS)
+    root = scratch / "buckets"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    buffers: dict[int, list[pa.Table]] = defaultdict(list)
+    buffered: dict[int, int] = defaultdict(int)
+    # What waits for its bucket's next row group stays under ~64 MiB across all buckets.
+    flush_bytes = max(1 << 20, (64 << 20) // max(1, n_buckets))
+
+    def flush(b: int) -> None:
+        table = pa.concat_tables(buffers.pop(b))
+        if b not in writers:
+            writers[b] = pq.ParquetWriter(root / f"bucket={b}", table.schema, compression="lz4")
+        writers[b].write_table(table)
+        buffered.pop(b, None)
+
+    try:
+        for batch in reader:
+            buckets = batch.column("bucket").to_numpy(zero_copy_only=False)
+            rows = pa.Table.from_batches([batch]).drop_columns(["bucket"])
+            for b in np.unique(buckets).tolist():
+                part = rows.filter(pa.array(buckets == b))
+                buffers[b].append(part)
+                buffered[b] += part.nbytes
+                if buffered[b] >= flush_bytes:
+                    flush(b)
+        for b in list(buffers):
+            flush(b)
+    finally:
+        for w in writers.values():
+            w.close()
+    for b in range(n_buckets):
+        part = root / f"bucket={b}"
+        if not part.is_file():
+            continue  # bucket numbers skipped by a document longer than a bucket
+        table = pq.read_table(part).sort_by([(k, "ascending") for k in keys])
+        yield from table.to_batches(max_chunksize=BATCH_ROWS)
+        del table
+        part.unlink()
+
+
+def _sorted_buckets(con: "duckdb.DuckDBPyConnection", scratch: Path, manifest: Path,
+                    paths: list[str], memory_budget: int) -> Iterator[pa.RecordBatch]:
+    """Every (document, page) row of the documents table, in document order, then page order."""
+    con.execute(_DOCS_SQL, {"manifest": str(manifest),
+                            "pages_per_bucket": pages_per_bucket(paths, memory_budget)}).fetchall()
+    n_buckets = con.execute("SELECT coalesce(max(bucket), -1) + 1 FROM docs").fetchall()[0][0]
+    return sorted_by_buckets(con, _DOCUMENT_ROWS_SQL, {"pages": paths}, scratch, n_buckets)
 
 
 def _documents_of(rows: pa.Table) -> pa.Table:
@@ -271,10 +357,9 @@ def write_documents(out_dir: Path, entries: Sequence[DocEntry] | None = None, *,
         if not paths:  # no page committed yet: every document gets its row, with no text
             paths = [str(scratch / "no-pages.parquet")]
             pq.write_table(PAGES_SCHEMA.empty_table(), paths[0])
-        reader = con.sql(_DOCUMENT_ROWS_SQL, params={"manifest": str(manifest_path), "pages": paths}
-                         ).to_arrow_reader(BATCH_ROWS)
+        rows = _sorted_buckets(con, scratch, manifest_path, paths, memory_budget)
         with ShardWriter(layout.documents, DOCUMENTS_SCHEMA, scratch) as writer:
-            for group in whole_groups(iter(reader), "ord"):
+            for group in whole_groups(rows, "ord"):
                 writer.write(_documents_of(group))
         rows = writer.rows
     finally:
@@ -333,12 +418,16 @@ def finalize(out_dir: Path, memory_budget: int = DEFAULT_MEMORY_BUDGET,
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     scratch = scratch_dir(out_dir, "finalize")
-    con = connect(scratch, memory_budget)
     try:
-        removed = drop_duplicate_units(out_dir, con) + drop_duplicate_pages(out_dir, con)
-        n_docs = write_documents(out_dir, entries, memory_budget=memory_budget, con=con)
+        # A connection of its own, closed before the documents are built: the duplicate search's
+        # hash tables (up to DuckDB's limit) are not held while a bucket is sorted.
+        con = connect(scratch, memory_budget)
+        try:
+            removed = drop_duplicate_units(out_dir, con) + drop_duplicate_pages(out_dir, con)
+        finally:
+            con.close()
+        n_docs = write_documents(out_dir, entries, memory_budget=memory_budget)
     finally:
-        con.close()
         clear_scratch(out_dir, "finalize", "documents")
     return FinalizeResult(n_docs, status_counts(out_dir), removed, round(time.monotonic() - t0, 3))
 
