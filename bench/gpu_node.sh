@@ -73,7 +73,7 @@ import sys
 from pathlib import Path
 import pyarrow.parquet as pq
 job, stock = Path(sys.argv[1]), Path(sys.argv[2])
-rows = pq.read_table(job / "documents.parquet").to_pylist()
+rows = pq.read_table(job / "documents").to_pylist()
 same = [r for r in rows if (stock / (Path(r["source"]).stem + ".mmd")).read_text() == r["text"]]
 print(f"launcher vs stock CLI on CUDA: {len(same)}/{len(rows)} documents byte-identical")
 EOF

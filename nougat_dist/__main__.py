@@ -21,10 +21,13 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "status": ("how a job is going (running, finished, stopped or crashed): pages done, "
                "remaining, failed, speed, ETA; --watch refreshes",
                "nougat_dist.store.status", "add_status_args", "run_status"),
+    "finalize": ("(re)build documents/ and stats.json from the committed pages, without OCR: after "
+                 "a job killed in its end phase, or to redo it with another --memory-budget",
+                 "nougat_dist.store.finalize", "add_finalize_args", "run_finalize"),
     "clean": ("drop failed pages and MISSING_PAGE markers, normalise whitespace, remove repeated-"
               "line junk and low-quality pages, exact dedup; writes OUTPUT/clean/ and a report",
               "nougat_dist.stages.postprocess", "add_clean_args", "run_clean"),
-    "chunk": ("cut OUTPUT/clean/pages.parquet into token-limited chunks at markdown section and "
+    "chunk": ("cut OUTPUT/clean/pages/ into token-limited chunks at markdown section and "
               "paragraph boundaries; writes OUTPUT/chunks/",
               "nougat_dist.stages.postprocess", "add_chunk_args", "run_chunk"),
     "upload": ("push the Parquet dataset in OUTPUT to a Hugging Face Hub dataset repo with a "

@@ -44,6 +44,7 @@ class Config:
     plan_pages_per_s: float = 1.0
     max_member_bytes: int = 512 * 2**20  # = inputs.members.DEFAULT_MAX_MEMBER_BYTES
     max_page_pixels: int = 40_000_000
+    finalize_memory: int = 1024 * 2**20  # = store.finalize.DEFAULT_MEMORY_BUDGET
     log_level: str = "INFO"
     test_fake_model: str | None = None
 
@@ -71,6 +72,8 @@ class Config:
             raise ConfigError(f"--plan-pages-per-s must be > 0, got {self.plan_pages_per_s}")
         if self.max_member_bytes < 1 or self.max_page_pixels < 1:
             raise ConfigError("--max-member-bytes and --max-page-pixels must be >= 1")
+        if self.finalize_memory < 64 * 2**20:
+            raise ConfigError(f"--finalize-memory must be >= 64 MiB (67108864), got {self.finalize_memory}")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -80,8 +83,8 @@ FIELD_HELP: dict[str, str] = {
     "you like.",
     "output": "Output directory, or an s3:// / gs:// prefix (staged on each node's disk in "
     "$NOUGAT_DIST_STAGING and pushed to the bucket as chunks commit). Holds manifest.parquet (the "
-    "resume checkpoint), pages/ (one Parquet row per page, committed in chunks), "
-    "documents.parquet, stats.json and logs/. Run the same command again to resume.",
+    "resume checkpoint), pages/ (one Parquet row per page, committed in chunks), documents/ "
+    "(Parquet shards), stats.json and logs/. Run the same command again to resume.",
     "checkpoint": "Nougat checkpoint directory. If it does not exist, nougat's own downloader fetches "
     "--model into it (needs internet). Default: $NOUGAT_CHECKPOINT or torch hub's nougat-<model> dir.",
     "model": "Nougat model tag to download when no checkpoint is present (as the nougat CLI's --model).",
@@ -128,6 +131,9 @@ FIELD_HELP: dict[str, str] = {
     "max_page_pixels": "Largest page raster rendered at nougat's 96 dpi, in pixels (checked from the "
     "page size before rendering). A larger page becomes a render_error row instead of taking "
     "gigabytes; the default (40 million) admits a 2xA0 poster.",
+    "finalize_memory": "Memory budget in bytes of the end of the job on rank 0 (documents/ built "
+    "from the committed pages; spills to OUTPUT/.scratch/ beyond it). The default (1 GiB) holds for "
+    "any corpus size; `nougat-dist finalize OUTPUT` redoes that step alone.",
     "retry_failed": "Do again the pages and documents whose rows have status error, render_error "
     "or fail (after setting a password, fixing a PDF, a download coming back). Their old rows move "
     "to out/superseded/. Unreadable documents are inspected again first.",

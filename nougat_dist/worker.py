@@ -33,7 +33,6 @@ from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, 
                                      stop_requested)
 from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
-from nougat_dist.store import index as committed_index
 from nougat_dist.store import report as store_report
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
 from nougat_dist.store.layout import OutputDir
@@ -425,9 +424,9 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
     if not info.is_main:
         return EXIT_OK
     attempts.wait_for_chunks(out, [name for p in parts for name in p["chunks"]])
-    removed = gather.drop_duplicate_units(out) + committed_index.drop_duplicate_pages(out)
-    docs_table = gather.write_documents(out, plan.entries)
-    counts = gather.status_counts(out)
+    # The same code as `nougat-dist finalize OUT`, which redoes this step alone if it dies here.
+    final = gather.finalize(out, cfg.finalize_memory, plan.entries)
+    counts, removed = final.pages_by_status, final.duplicate_rows_removed
     wall = max(p["wall_s"] for p in parts)
     pages_done = sum(p["pages"] for p in parts)
     busy = sum(p["busy_s"] for p in parts)
@@ -435,7 +434,8 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
     failed = sum(v for k, v in counts.items() if k in gather.FAILED_STATUSES)
     result = {
         "complete": True,
-        "documents": docs_table.num_rows,
+        "documents": final.documents,
+        "finalize_s": final.wall_s,
         "pages_total": plan.total_pages,
         "pages_this_run": pages_done,
         "pages_resumed": plan.committed_pages,
@@ -473,7 +473,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
                                                          if k in gather.FAILED_STATUSES},
                                   "ranks_alive": 0, "per_rank": result["per_rank"]}, indent=2) + "\n",
                       out / STATUS_FILE)
-    msg = (f"done: {docs_table.num_rows} documents, {plan.total_pages} pages "
+    msg = (f"done: {final.documents} documents, {plan.total_pages} pages "
            f"({pages_done} this run, {plan.committed_pages} resumed) in {wall:.1f}s → {out}")
     log.info(msg)
     # Which inputs need a look, by name: failed pages, unreadable inputs, duplicates.

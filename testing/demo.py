@@ -55,13 +55,13 @@ def summarize(out: Path, n_inputs: int) -> None:
     import pyarrow.parquet as pq
 
     pages = pq.read_table(out / "pages")
-    docs = pd.read_parquet(out / "documents.parquet")
+    docs = pd.read_parquet(out / "documents")
     stats = json.loads((out / "stats.json").read_text())
     print(f"\nOutput: {out}")
     print(f"  manifest.parquet   {n_inputs} input PDFs")
     print(f"  pages/             {pages.num_rows} page rows in {len(list((out / 'pages').glob('*.parquet')))} chunk(s); "
           f"status {stats['pages_by_status']}")
-    print(f"  documents.parquet  {len(docs)} documents")
+    print(f"  documents/         {len(docs)} documents")
     print(f"  stats.json         {stats['pages_per_s']} pages/s over {stats['world_size']} ranks, "
           f"wall {stats['wall_s']} s, idle {stats['idle_fraction']:.0%}")
     for r in stats["per_rank"]:

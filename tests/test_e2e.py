@@ -23,7 +23,7 @@ def run_stock_cli(pdfs: list[Path], out: Path, ckpt: Path, *extra: str) -> subpr
 
 
 def read_docs(out: Path) -> dict[str, dict]:
-    rows = pq.read_table(out / "documents.parquet").to_pylist()
+    rows = pq.read_table(out / "documents").to_pylist()
     return {Path(r["source"]).name: r for r in rows}
 
 
@@ -58,7 +58,7 @@ def test_output_tables_and_page_counts(tmp_path, tiny_checkpoint, sample_pdfs):
                 "--commit-pages", "3", "--batch-size", "3"])
     pages = pq.read_table(out / "pages")
     assert pages.schema.remove_metadata().equals(PAGES_SCHEMA)
-    assert pq.read_table(out / "documents.parquet").schema.remove_metadata().equals(DOCUMENTS_SCHEMA)
+    assert pq.read_table(out / "documents").schema.remove_metadata().equals(DOCUMENTS_SCHEMA)
     df = pd.read_parquet(out / "pages")
     # every page of every readable PDF exactly once, numbered 1..n
     for pdf in sample_pdfs:

@@ -38,7 +38,7 @@ def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
     assert [(d["document"], [p["page"] for p in d["pages"]]) for d in listed] == [(str(pdfs[0]), [2])]
     live = json.loads((out / "status.json").read_text())
     assert live["state"] == "finished" and live["failures_by_status"] == {"render_error": 1}
-    docs = pd.read_parquet(out / "documents.parquet")
+    docs = pd.read_parquet(out / "documents")
     assert "[MISSING_PAGE_FAIL:2]" in docs[docs.source == str(pdfs[0])].text.iloc[0]
 
 

@@ -46,7 +46,8 @@ def write_job_output(out: Path) -> Path:
                        pages_dir / "part-r00001-000000.parquet")
     docs = [{"doc_id": k, "source": f"/in/{k}.pdf", "member": None, "n_pages": n, "n_failed": 0,
              "text": "", "duplicates": []} for k, n in (("A", 6), ("B", 3), ("C", 1), ("D", 0), ("E", 1))]
-    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA), out / "documents.parquet")
+    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA),
+                       out / "documents" / "train-00000-of-00001.parquet")
     return out
 
 
@@ -85,17 +86,17 @@ def test_clean_known_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.splitlines()[0] == (
         "clean: kept 4/12 pages, 2/5 documents; dropped pages: duplicate_page=1, low_alpha=1, "
         "repetitive=1, status:empty=1, status:error=1, status:fail=1, too_short=2")
-    pages = pq.read_table(out / "clean" / "pages.parquet").to_pylist()
+    pages = pq.read_table(out / "clean" / "pages").to_pylist()
     assert [(r["doc_id"], r["page"], r["text"]) for r in pages] == [
         ("A", 1, f"# Intro\n\n{BODY}\n\nSecond paragraph with tabs. {BODY}"),
         ("A", 2, f"{BODY} Page two.\n\nloop"),
         ("A", 4, f"## Results\n\n{BODY} Page four."),
         ("B", 1, f"Appendix\n\n{BODY} Page four."),
     ]
-    docs = pq.read_table(out / "clean" / "documents.parquet").to_pylist()
+    docs = pq.read_table(out / "clean" / "documents").to_pylist()
     assert [(d["doc_id"], d["pages"]) for d in docs] == [("A", [1, 2, 4]), ("B", [1])]
     assert docs[0]["text"] == "\n\n".join(r["text"] for r in pages[:3])
-    dropped = pq.read_table(out / "clean" / "dropped.parquet").to_pylist()
+    dropped = pq.read_table(out / "clean" / "dropped").to_pylist()
     assert sorted((d["doc_id"], -1 if d["page"] is None else d["page"], d["reason"]) for d in dropped) == sorted([
         ("A", 3, "status:empty"), ("A", 5, "low_alpha"), ("A", 6, "status:fail"), ("B", 2, "too_short"),
         ("B", 3, "duplicate_page"), ("C", 1, "too_short"), ("C", -1, "no_pages_kept"),
@@ -114,20 +115,21 @@ def test_clean_duplicate_documents(tmp_path: Path) -> None:
     atomic_write_table(pa.Table.from_pylist(rows, schema=PAGES_SCHEMA), tmp_path / "pages" / "part-r00000-000000.parquet")
     docs = [{"doc_id": k, "source": k, "member": None, "n_pages": 1, "n_failed": 0, "text": "",
              "duplicates": []} for k in "XY"]
-    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA), tmp_path / "documents.parquet")
+    atomic_write_table(pa.Table.from_pylist(docs, schema=DOCUMENTS_SCHEMA),
+                       tmp_path / "documents" / "train-00000-of-00001.parquet")
     report = pp.clean(tmp_path)
     assert (report.pages_kept, report.documents_kept) == (1, 1)
     assert report.dropped_documents == {"duplicate_document": 1}
-    dropped = pq.read_table(tmp_path / "clean" / "dropped.parquet").to_pylist()
+    dropped = pq.read_table(tmp_path / "clean" / "dropped").to_pylist()
     assert [(d["doc_id"], d["page"], d["reason"], d["detail"]) for d in dropped] == [
         ("Y", None, "duplicate_document", "same text as X"), ("Y", 1, "duplicate_document", "same text as X")]
 
 
 def test_clean_needs_finished_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["clean", str(tmp_path)]) == 2
-    assert "documents.parquet not found" in capsys.readouterr().err
+    assert "documents not found" in capsys.readouterr().err
     assert main(["chunk", str(tmp_path)]) == 2
-    assert "run `python -m nougat_dist clean" in capsys.readouterr().err
+    assert "run `nougat-dist clean" in capsys.readouterr().err
 
 
 # --- chunk ---------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def test_clean_then_chunk_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["clean", str(out)]) == 0
     assert main(["chunk", str(out), "--max-tokens", "30", "--overlap", "5", "--rows-per-file", "3"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
-    files = sorted((out / "chunks").glob("part-*.parquet"))
+    files = sorted((out / "chunks").glob("train-*.parquet"))
     chunks = pa.concat_tables(pq.read_table(f) for f in files).to_pylist()
     assert line == (f"chunk: {len(chunks)} chunks ({sum(c['n_tokens'] for c in chunks)} tokens, tokenizer "
                     f"default (words/punctuation/digits)) from 2 documents in {len(files)} file(s) under "
@@ -210,7 +212,7 @@ def test_datasets_loads_pages_documents_chunks(tmp_path: Path, monkeypatch: pyte
     pp.chunk(out, pp.ChunkOptions(max_tokens=30, overlap=5))
     cache = str(tmp_path / "hf-cache")
     for files, schema, n in ((str(out / "pages" / "*.parquet"), PAGES_SCHEMA, 12),
-                             (str(out / "documents.parquet"), DOCUMENTS_SCHEMA, 5),
+                             (str(out / "documents" / "*.parquet"), DOCUMENTS_SCHEMA, 5),
                              (str(out / "chunks" / "*.parquet"), pp.CHUNKS_SCHEMA, None)):
         ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
         assert ds.column_names == schema.names

@@ -254,7 +254,7 @@ def check_complete(out: Path) -> dict:
     assert set(keys) == expected, (f"missing {sorted(expected - set(keys))[:5]}, "
                                    f"unexpected {sorted(set(keys) - expected)[:5]}")
     assert all(r["status"] == "ok" for r in rows)
-    docs = pq.read_table(out / "documents.parquet", columns=["doc_id", "n_pages"]).to_pylist()
+    docs = pq.read_table(out / "documents", columns=["doc_id", "n_pages"]).to_pylist()
     assert {d["doc_id"]: d["n_pages"] for d in docs} == n_pages
     stats = json.loads((out / "stats.json").read_text())
     assert stats["complete"] is True

@@ -11,7 +11,8 @@ from nougat_dist.store.layout import OutputDir
 def test_paths_are_under_the_root(tmp_path: Path) -> None:
     out = OutputDir(tmp_path)
     paths = [out.pages, out.manifest, out.documents, out.status, out.stats, out.clean, out.chunks,
-             out.logs, out.lease, out.rank_log(3)]
+             out.logs, out.lease, out.rank_log(3), out.scratch, out.legacy_documents,
+             out.clean_pages, out.clean_documents, out.clean_dropped, out.clean_report]
     assert all(p.is_relative_to(tmp_path) for p in paths)
     assert len(set(paths)) == len(paths)
     assert set(out.derived()) == {out.documents, out.stats, out.status, out.clean, out.chunks}
@@ -22,6 +23,6 @@ def test_modules_write_where_the_layout_says(tmp_path: Path) -> None:
     manifest.write(tmp_path, entries)
     finalize.write_documents(tmp_path, entries)
     out = OutputDir(tmp_path)
-    assert out.manifest.is_file() and out.documents.is_file()
+    assert out.manifest.is_file() and out.documents.is_dir()
     assert manifest.load(tmp_path) is not None
     assert status.STATUS_FILE == out.status.name

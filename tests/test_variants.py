@@ -70,7 +70,7 @@ def run_ours(pdfs: list[Path], out: Path, ckpt: Path, full_precision: bool) -> d
     finally:
         ndist.teardown()
     pages = pq.read_table(out / "pages").to_pylist()
-    docs = {r["doc_id"]: r for r in pq.read_table(out / "documents.parquet").to_pylist()}
+    docs = {r["doc_id"]: r for r in pq.read_table(out / "documents").to_pylist()}
     return {Path(r["source"]).name: {**r, "document": docs[r["doc_id"]]["text"]} for r in pages}
 
 

@@ -1,8 +1,9 @@
 """Post stages on a finished job's output dir: clean/filter pages, then cut token-aware chunks.
 
-clean reads pages/ and documents.parquet and writes clean/pages.parquet, clean/documents.parquet,
-clean/dropped.parquet (one row per dropped page or document, with the reason) and
-clean/report.json (counts by reason, thresholds used). Steps, in order:
+clean reads pages/ and documents/ and writes clean/pages/, clean/documents/, clean/dropped/ (one
+row per dropped page or document, with the reason; all three Parquet shards as store/shards
+writes them) and clean/report.json (counts by reason, thresholds used). It streams one document
+at a time; the sort and the dedup run in DuckDB within --memory-budget. Steps, in order:
 
 1. Pages whose status is not `ok` are dropped (reason `status:<status>`): failed, empty, render
    errors and unreadable documents carry no text worth keeping.
@@ -20,9 +21,10 @@ clean/report.json (counts by reason, thresholds used). Steps, in order:
    (`repetitive`).
 6. Exact dedup by sha256 of cleaned text: a document whose joined text equals an earlier one's is
    dropped whole (`duplicate_document`), then a page equal to an earlier kept page anywhere in the
-   dataset is dropped (`duplicate_page`). "Earlier" = order of documents.parquet, then page.
+   dataset is dropped (`duplicate_page`). "Earlier" = order of documents/, then page.
 
-chunk reads clean/pages.parquet and writes chunks/part-00000.parquet, ... . Each document's
+chunk reads clean/pages/ one document at a time and writes chunks/train-00000-of-0000N.parquet,
+... . Each document's
 cleaned pages are joined with a blank line and tokenized once; a chunk holds at most `max_tokens`
 tokens and ends before the last markdown heading in its last three quarters, else at the best
 break point in its second half: a paragraph start, then a line start, else any token. The next
@@ -44,22 +46,25 @@ import hashlib
 import json
 import logging
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nougat_dist.store.finalize import DOCUMENTS_FILE, read_pages
-from nougat_dist.store.index import add_allow_partial, require_finished
-from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, atomic_write_table, atomic_write_text
-from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR  # noqa: F401 (re-exported)
+from nougat_dist.store.chunks import PAGES_SCHEMA, atomic_write_text
+from nougat_dist.store.finalize import (DEFAULT_MEMORY_BUDGET, pages_per_bucket, parse_size,
+                                        sorted_by_buckets)
+from nougat_dist.store.index import add_allow_partial, chunk_paths, require_finished
+from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR, CLEAN_REPORT_FILE, OutputDir  # noqa: F401
+from nougat_dist.store.shards import (ShardWriter, clear_scratch, group_starts, iter_batches,
+                                      scratch_dir, shard_paths, whole_groups)
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.json"
+REPORT_FILE = CLEAN_REPORT_FILE
 
 CLEAN_PAGES_SCHEMA = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
@@ -217,104 +222,215 @@ class CleanReport:
                 f"{self.documents_in} documents; dropped pages: {why}")
 
 
-def _documents(out_dir: Path) -> list[dict]:
-    path = out_dir / DOCUMENTS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: clean needs a finished job's output dir "
-                                f"(run launch.py to the end first)")
-    return pq.read_table(path, schema=DOCUMENTS_SCHEMA,
-                         columns=["doc_id", "source", "member"]).to_pylist()
+def _documents(out_dir: Path) -> list[Path]:
+    paths = shard_paths(OutputDir(out_dir).documents)
+    if not paths:
+        raise FileNotFoundError(f"{OutputDir(out_dir).documents} not found: clean needs a finished "
+                                f"job's output dir (run the job to the end, or "
+                                f"`nougat-dist finalize {out_dir}`)")
+    return paths
 
 
-def clean(out_dir: Path, opts: CleanOptions = CleanOptions()) -> CleanReport:
-    """Run the clean stage on a job output dir; write clean/ and return the report."""
-    docs = _documents(out_dir)
-    pages = read_pages(out_dir, ["doc_id", "page", "text", "status"]).to_pylist()
-    by_doc: dict[str, list[dict]] = defaultdict(list)
-    for row in pages:
-        by_doc[row["doc_id"]].append(row)
-    report = CleanReport(pages_in=len(pages), documents_in=len(docs), options=asdict(opts))
-    dropped: list[dict] = []
+# The documents of documents/ in order, each in a bucket of consecutive documents that fits memory.
+_CLEAN_DOCS_SQL = """
+CREATE OR REPLACE TEMP TABLE cdocs AS
+WITH d AS (
+    SELECT row_number() OVER (ORDER BY filename, file_row_number) AS ord, doc_id, source, member, n_pages
+    FROM read_parquet($documents, filename = true, file_row_number = true))
+SELECT *, ((sum(greatest(n_pages, 1)) OVER (ORDER BY ord ROWS UNBOUNDED PRECEDING) - 1)
+           // $pages_per_bucket)::INTEGER AS bucket
+FROM d
+"""
+
+# Pass 1: every document's committed pages (a document without pages: one row with a null page),
+# unordered; sorted by document, then page, one bucket at a time (finalize.sorted_by_buckets).
+_CLEAN_INPUT_SQL = """
+SELECT d.bucket, d.ord, d.doc_id, d.source, d.member, p.page, p.status, p.text
+FROM cdocs d LEFT JOIN (SELECT doc_id, page, status, text FROM read_parquet($pages)) p USING (doc_id)
+"""
+
+# Pass 2: the dedup of step 6 as two spilling group-bys. A document is a duplicate when an earlier
+# document with kept pages has the same joined text; a page of the others is a duplicate when an
+# earlier (document, page) of them has the same text.
+_CLEAN_DEDUP_SQL = """
+WITH g AS (SELECT * FROM read_parquet($good)),
+ds AS (SELECT * FROM read_parquet($docs)),
+first_doc AS (
+    SELECT doc_sha, arg_min(doc_id, ord) AS first_doc, min(ord) AS first_ord
+    FROM ds WHERE doc_sha IS NOT NULL GROUP BY doc_sha),
+info AS (
+    SELECT ds.ord, ds.doc_id, ds.doc_sha,
+           CASE WHEN f.first_ord < ds.ord THEN f.first_doc END AS dup_of
+    FROM ds LEFT JOIN first_doc f USING (doc_sha)),
+kept AS (
+    SELECT g.sha, g.doc_id, g.page, g.ord * 4294967296 + g.page AS pos
+    FROM g JOIN info USING (ord) WHERE info.dup_of IS NULL),
+first_page AS (
+    SELECT sha, min(pos) AS first_pos, arg_min(doc_id, pos) AS first_doc, arg_min(page, pos) AS first_page
+    FROM kept GROUP BY sha)
+SELECT cdocs.bucket, info.ord, info.doc_id, info.doc_sha, info.dup_of, g.source, g.member, g.page,
+       g.text, g.sha,
+       CASE WHEN info.dup_of IS NULL AND fp.first_pos < g.ord * 4294967296 + g.page
+            THEN fp.first_doc END AS page_dup_doc,
+       fp.first_page AS page_dup_page
+FROM info JOIN cdocs USING (ord) LEFT JOIN g USING (ord) LEFT JOIN first_page fp USING (sha)
+"""
+
+_GOOD_SCHEMA = pa.schema([("ord", pa.int64()), ("doc_id", pa.string()), ("source", pa.string()),
+                          ("member", pa.string()), ("page", pa.int32()), ("text", pa.string()),
+                          ("sha", pa.string())])
+_DOC_SHA_SCHEMA = pa.schema([("ord", pa.int64()), ("doc_id", pa.string()), ("doc_sha", pa.string())])
+
+
+def _columns(table: pa.Table, names: Sequence[str]) -> list[list]:
+    return [table.column(n).to_pylist() for n in names]
+
+
+def clean(out_dir: Path, opts: CleanOptions = CleanOptions(),
+          memory_budget: int = DEFAULT_MEMORY_BUDGET) -> CleanReport:
+    """Run the clean stage on a job output dir; write clean/ and return the report.
+
+    Streams by document (one document's pages in memory at a time); the dedup runs in DuckDB,
+    which spills to OUTPUT/.scratch/ beyond its share of `memory_budget`.
+    """
+    from nougat_dist.store.finalize import connect
+
+
+    out_dir = Path(out_dir)
+    layout = OutputDir(out_dir)
+    doc_paths = _documents(out_dir)
+    scratch = scratch_dir(out_dir, "clean")
+    report = CleanReport(options=asdict(opts))
     removed: Counter[str] = Counter()
+    dropped_pages: Counter[str] = Counter()
+    dropped_docs: Counter[str] = Counter()
+    page_paths = [str(p) for p in chunk_paths(out_dir)]
+    if not page_paths:
+        page_paths = [str(scratch / "no-pages.parquet")]
+        pq.write_table(PAGES_SCHEMA.empty_table(), page_paths[0])
+    con = connect(scratch, memory_budget)
+    dropped = ShardWriter(layout.clean_dropped, DROPPED_SCHEMA, scratch)
+    drops: list[dict] = []
 
     def drop(doc_id: str, page: int | None, reason: str, detail: str | None = None) -> None:
-        dropped.append({"doc_id": doc_id, "page": page, "reason": reason, "detail": detail})
+        drops.append({"doc_id": doc_id, "page": page, "reason": reason, "detail": detail})
+        (dropped_docs if page is None else dropped_pages)[reason] += 1
+        if len(drops) >= 4096:
+            dropped.write(pa.Table.from_pylist(drops, schema=DROPPED_SCHEMA))
+            drops.clear()
 
-    kept_docs: list[tuple[dict, list[tuple[int, str]]]] = []
-    for doc in docs:
-        rows = sorted(by_doc.get(doc["doc_id"], []), key=lambda r: r["page"])
-        texts: list[tuple[int, str]] = []
-        for r in rows:
-            if r["status"] != "ok":
-                drop(doc["doc_id"], r["page"], f"status:{r['status']}")
-                continue
-            removed["missing_page_markers"] += len(_MISSING_RE.findall(r["text"]))
-            text, n = collapse_repeats(normalise(r["text"]), opts.max_line_repeats)
-            removed["repeated_lines"] += n
-            texts.append((r["page"], text))
-        junk = boilerplate_lines([t for _, t in texts], opts)
-        good: list[tuple[int, str]] = []
-        for page, text in texts:
-            if junk:
-                lines = text.split("\n")
-                kept_lines = [ln for ln in lines if ln not in junk]
-                removed["boilerplate_lines"] += len(lines) - len(kept_lines)
-                text = normalise("\n".join(kept_lines))
-            problem = quality_problem(text, opts)
-            if problem is not None:
-                drop(doc["doc_id"], page, *problem)
-            else:
-                good.append((page, text))
-        kept_docs.append((doc, good))
+    try:
+        # Pass 1: steps 1-5, one document at a time.
+        good = ShardWriter(scratch / "good", _GOOD_SCHEMA, scratch / "staging")
+        doc_shas = ShardWriter(scratch / "docs", _DOC_SHA_SCHEMA, scratch / "staging")
+        con.execute(_CLEAN_DOCS_SQL, {"documents": [str(p) for p in doc_paths],
+                                      "pages_per_bucket": pages_per_bucket(page_paths, memory_budget)}
+                    ).fetchall()
+        n_buckets = con.execute("SELECT coalesce(max(bucket), -1) + 1 FROM cdocs").fetchall()[0][0]
+        rows = sorted_by_buckets(con, _CLEAN_INPUT_SQL, {"pages": page_paths}, scratch / "pass1", n_buckets)
+        for table in whole_groups(rows, "ord"):
+            ords, doc_ids, sources, members, pages, statuses, texts = _columns(
+                table, ["ord", "doc_id", "source", "member", "page", "status", "text"])
+            starts = group_starts(table, "ord")
+            good_rows: list[dict] = []
+            for a, b in zip(starts, [*starts[1:], len(ords)]):
+                doc_id = doc_ids[a]
+                report.documents_in += 1
+                kept: list[tuple[int, str]] = []
+                for i in range(a, b):
+                    if pages[i] is None:
+                        continue  # a document without committed pages
+                    report.pages_in += 1
+                    if statuses[i] != "ok":
+                        drop(doc_id, pages[i], f"status:{statuses[i]}")
+                        continue
+                    removed["missing_page_markers"] += len(_MISSING_RE.findall(texts[i]))
+                    text, n = collapse_repeats(normalise(texts[i]), opts.max_line_repeats)
+                    removed["repeated_lines"] += n
+                    kept.append((pages[i], text))
+                junk = boilerplate_lines([t for _, t in kept], opts)
+                doc_good: list[tuple[int, str]] = []
+                for page, text in kept:
+                    if junk:
+                        lines = text.split("\n")
+                        kept_lines = [ln for ln in lines if ln not in junk]
+                        removed["boilerplate_lines"] += len(lines) - len(kept_lines)
+                        text = normalise("\n".join(kept_lines))
+                    problem = quality_problem(text, opts)
+                    if problem is not None:
+                        drop(doc_id, page, *problem)
+                    else:
+                        doc_good.append((page, text))
+                good_rows += [{"ord": ords[a], "doc_id": doc_id, "source": sources[a],
+                               "member": members[a], "page": p, "text": t, "sha": _sha(t)}
+                              for p, t in doc_good]
+                doc_shas.write(pa.Table.from_pylist(
+                    [{"ord": ords[a], "doc_id": doc_id,
+                      "doc_sha": _sha(PAGE_SEPARATOR.join(t for _, t in doc_good)) if doc_good else None}],
+                    schema=_DOC_SHA_SCHEMA))
+            good.write(pa.Table.from_pylist(good_rows, schema=_GOOD_SCHEMA))
+        good_paths, doc_paths_2 = good.close(), doc_shas.close()
 
-    seen_docs: dict[str, str] = {}
-    seen_pages: dict[str, tuple[str, int]] = {}
-    out_pages: list[dict] = []
-    out_docs: list[dict] = []
-    for doc, good in kept_docs:
-        doc_id = doc["doc_id"]
-        if not good:
-            drop(doc_id, None, "no_pages_kept")
-            continue
-        doc_sha = _sha(PAGE_SEPARATOR.join(t for _, t in good))
-        if doc_sha in seen_docs:
-            drop(doc_id, None, "duplicate_document", f"same text as {seen_docs[doc_sha]}")
-            for page, _ in good:
-                drop(doc_id, page, "duplicate_document", f"same text as {seen_docs[doc_sha]}")
-            continue
-        seen_docs[doc_sha] = doc_id
-        final: list[tuple[int, str]] = []
-        for page, text in good:
-            sha = _sha(text)
-            if sha in seen_pages:
-                first = seen_pages[sha]
-                drop(doc_id, page, "duplicate_page", f"same text as {first[0]} page {first[1]}")
-                continue
-            seen_pages[sha] = (doc_id, page)
-            final.append((page, text))
-            out_pages.append({"doc_id": doc_id, "source": doc["source"], "member": doc["member"],
-                              "page": page, "text": text, "sha256": sha})
-        if not final:
-            drop(doc_id, None, "no_pages_kept")
-            continue
-        out_docs.append({"doc_id": doc_id, "source": doc["source"], "member": doc["member"],
-                         "pages": [p for p, _ in final],
-                         "text": PAGE_SEPARATOR.join(t for _, t in final)})
+        # Pass 2: step 6 (dedup), then the outputs, in document order.
+        out_pages = ShardWriter(layout.clean_pages, CLEAN_PAGES_SCHEMA, scratch)
+        out_docs = ShardWriter(layout.clean_documents, CLEAN_DOCUMENTS_SCHEMA, scratch)
+        rows = sorted_by_buckets(con, _CLEAN_DEDUP_SQL, {"good": [str(p) for p in good_paths],
+                                                         "docs": [str(p) for p in doc_paths_2]},
+                                 scratch / "pass2", n_buckets)
+        for table in whole_groups(rows, "ord"):
+            cols = _columns(table, ["doc_id", "doc_sha", "dup_of", "source", "member", "page", "text",
+                                    "sha", "page_dup_doc", "page_dup_page"])
+            doc_ids, doc_sha, dup_of, sources, members, pages, texts, shas, pdoc, ppage = cols
+            starts = group_starts(table, "ord")
+            page_rows: list[dict] = []
+            doc_rows: list[dict] = []
+            for a, b in zip(starts, [*starts[1:], len(doc_ids)]):
+                doc_id = doc_ids[a]
+                if doc_sha[a] is None:
+                    drop(doc_id, None, "no_pages_kept")
+                    continue
+                if dup_of[a] is not None:
+                    drop(doc_id, None, "duplicate_document", f"same text as {dup_of[a]}")
+                    for i in range(a, b):
+                        drop(doc_id, pages[i], "duplicate_document", f"same text as {dup_of[a]}")
+                    continue
+                final: list[tuple[int, str]] = []
+                for i in range(a, b):
+                    if pdoc[i] is not None:
+                        drop(doc_id, pages[i], "duplicate_page", f"same text as {pdoc[i]} page {ppage[i]}")
+                        continue
+                    final.append((pages[i], texts[i]))
+                    page_rows.append({"doc_id": doc_id, "source": sources[i], "member": members[i],
+                                      "page": pages[i], "text": texts[i], "sha256": shas[i]})
+                if not final:
+                    drop(doc_id, None, "no_pages_kept")
+                    continue
+                doc_rows.append({"doc_id": doc_id, "source": sources[a], "member": members[a],
+                                 "pages": [p for p, _ in final],
+                                 "text": PAGE_SEPARATOR.join(t for _, t in final)})
+            out_pages.write(pa.Table.from_pylist(page_rows, schema=CLEAN_PAGES_SCHEMA))
+            out_docs.write(pa.Table.from_pylist(doc_rows, schema=CLEAN_DOCUMENTS_SCHEMA))
+            report.pages_kept += len(page_rows)
+            report.documents_kept += len(doc_rows)
+        if drops:
+            dropped.write(pa.Table.from_pylist(drops, schema=DROPPED_SCHEMA))
+        out_pages.close()
+        out_docs.close()
+        dropped.close()
+    except BaseException:
+        dropped.abort()
+        raise
+    finally:
+        con.close()
+        clear_scratch(out_dir, "clean")
 
-    page_drops = [d for d in dropped if d["page"] is not None]
-    report.pages_kept = len(out_pages)
-    report.documents_kept = len(out_docs)
-    report.dropped_pages = dict(sorted(Counter(d["reason"] for d in page_drops).items()))
-    report.dropped_documents = dict(sorted(Counter(d["reason"] for d in dropped if d["page"] is None).items()))
+    report.dropped_pages = dict(sorted(dropped_pages.items()))
+    report.dropped_documents = dict(sorted(dropped_docs.items()))
     report.removed = dict(sorted(removed.items()))
-    assert report.pages_kept + len(page_drops) == report.pages_in, "every page is kept or dropped"
-
-    clean_dir = out_dir / CLEAN_DIR
-    atomic_write_table(pa.Table.from_pylist(out_pages, schema=CLEAN_PAGES_SCHEMA), clean_dir / "pages.parquet")
-    atomic_write_table(pa.Table.from_pylist(out_docs, schema=CLEAN_DOCUMENTS_SCHEMA),
-                       clean_dir / "documents.parquet")
-    atomic_write_table(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA), clean_dir / "dropped.parquet")
-    atomic_write_text(json.dumps(asdict(report), indent=2, sort_keys=True) + "\n", clean_dir / REPORT_FILE)
+    assert report.pages_kept + sum(dropped_pages.values()) == report.pages_in, "every page is kept or dropped"
+    for old in ("pages.parquet", "documents.parquet", "dropped.parquet"):  # an older release's files
+        (layout.clean / old).unlink(missing_ok=True)
+    atomic_write_text(json.dumps(asdict(report), indent=2, sort_keys=True) + "\n", layout.clean_report)
     return report
 
 
@@ -354,7 +470,7 @@ class ChunkOptions:
     """Tokens each chunk repeats from the end of the previous chunk of the same document (must be
     below half of max_tokens)."""
     rows_per_file: int = 100_000
-    """Chunks per Parquet file in chunks/."""
+    """Most chunks per Parquet shard in chunks/ (a shard also ends at 256 MB)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
@@ -452,32 +568,57 @@ def chunk_document(doc_id: str, source: str, member: str | None, pages: Sequence
 
 
 def chunk(out_dir: Path, opts: ChunkOptions = ChunkOptions(), tokenizer_path: str | None = None) -> dict:
-    """Run the chunk stage on a cleaned output dir; write chunks/ and return counts."""
-    clean_pages = out_dir / CLEAN_DIR / "pages.parquet"
-    if not clean_pages.exists():
-        raise FileNotFoundError(f"{clean_pages} not found: run `python -m nougat_dist clean {out_dir}` first")
+    """Run the chunk stage on a cleaned output dir; write chunks/ and return counts.
+
+    Streams clean/pages/ (written in document order, then page order) one document at a time.
+    """
+    out_dir = Path(out_dir)
+    layout = OutputDir(out_dir)
+    if not shard_paths(layout.clean_pages):
+        raise FileNotFoundError(f"{layout.clean_pages} not found: run `nougat-dist clean {out_dir}` first")
     tokenizer = load_tokenizer(tokenizer_path)
-    rows = pq.read_table(clean_pages, schema=CLEAN_PAGES_SCHEMA).to_pylist()
-    docs: dict[str, list[dict]] = {}
-    for r in rows:
-        docs.setdefault(r["doc_id"], []).append(r)
-    chunks: list[dict] = []
-    for doc_id, prow in docs.items():
-        prow.sort(key=lambda r: r["page"])
-        chunks.extend(chunk_document(doc_id, prow[0]["source"], prow[0]["member"],
-                                     [(r["page"], r["text"]) for r in prow], tokenizer, opts))
-    chunk_dir = out_dir / CHUNKS_DIR
-    chunk_dir.mkdir(parents=True, exist_ok=True)
-    # Files of an earlier run with more chunks would otherwise be read as part of this one.
-    for old in chunk_dir.glob("part-*.parquet"):
-        old.unlink()
-    n_files = 0
-    for n_files, i in enumerate(range(0, max(1, len(chunks)), opts.rows_per_file), start=1):
-        atomic_write_table(pa.Table.from_pylist(chunks[i:i + opts.rows_per_file], schema=CHUNKS_SCHEMA),
-                           chunk_dir / f"part-{n_files - 1:05d}.parquet")
-    return {"documents": len(docs), "chunks": len(chunks), "files": n_files,
-            "tokens": sum(c["n_tokens"] for c in chunks),
+    scratch = scratch_dir(out_dir, "chunk")
+    n_docs = n_chunks = n_tokens = 0
+    rows: list[dict] = []
+    try:
+        with ShardWriter(layout.chunks, CHUNKS_SCHEMA, scratch, max_shard_rows=opts.rows_per_file) as writer:
+            batches = iter_batches(layout.clean_pages, ["doc_id", "source", "member", "page", "text"])
+            for table in whole_groups(_with_doc_ord(batches), "ord"):
+                doc_ids, sources, members, pages, texts = _columns(
+                    table, ["doc_id", "source", "member", "page", "text"])
+                starts = group_starts(table, "ord")
+                for a, b in zip(starts, [*starts[1:], len(doc_ids)]):
+                    got = sorted(zip(pages[a:b], texts[a:b]), key=lambda r: r[0])
+                    made = chunk_document(doc_ids[a], sources[a], members[a], got, tokenizer, opts)
+                    n_docs += 1
+                    n_chunks += len(made)
+                    n_tokens += sum(c["n_tokens"] for c in made)
+                    rows += made
+                if len(rows) >= 4096:
+                    writer.write(pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA))
+                    rows = []
+            writer.write(pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA))
+        n_files = len(shard_paths(layout.chunks))
+    finally:
+        clear_scratch(out_dir, "chunk")
+    return {"documents": n_docs, "chunks": n_chunks, "files": n_files, "tokens": n_tokens,
             "tokenizer": str(tokenizer_path) if tokenizer_path else "default (words/punctuation/digits)"}
+
+
+def _with_doc_ord(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Number the documents of a stream whose documents are contiguous (clean/pages/), so that
+    whole_groups can cut it by document."""
+    import numpy as np
+
+    ord_, last = -1, None
+    for batch in batches:
+        ids = batch.column("doc_id").to_pylist()
+        out = np.empty(len(ids), dtype=np.int64)
+        for i, doc_id in enumerate(ids):
+            if doc_id != last:
+                ord_, last = ord_ + 1, doc_id
+            out[i] = ord_
+        yield batch.append_column("ord", pa.array(out))
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -507,7 +648,11 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def add_clean_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", type=Path, help="a finished job's output dir (pages/, documents.parquet)")
+    parser.add_argument("output", type=Path, help="a finished job's output dir (pages/, documents/)")
+    parser.add_argument("--memory-budget", type=parse_size, default=DEFAULT_MEMORY_BUDGET, metavar="SIZE",
+                        help="memory for the sort and the dedup, e.g. 512MiB or 4GiB; beyond it work "
+                             "spills to OUTPUT/.scratch/ (default: 1GiB, enough for any corpus size; "
+                             "the largest document adds to the peak)")
     _add_option_flags(parser, CleanOptions)
     add_allow_partial(parser)
 
@@ -517,9 +662,10 @@ def run_clean(args: argparse.Namespace) -> int:
 
     require_finished(args.output, args.allow_partial)
     opts = CleanOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CleanOptions)})
-    report = clean(args.output, opts)
+    report = clean(args.output, opts, args.memory_budget)
+    layout = OutputDir(args.output)
     print(report.summary())
-    print(f"report: {args.output / CLEAN_DIR / REPORT_FILE}; dropped rows: {args.output / CLEAN_DIR / 'dropped.parquet'}")
+    print(f"report: {layout.clean_report}; dropped rows: {layout.clean_dropped}/")
     return 0
 
 

@@ -16,7 +16,11 @@ CLEAN_DIR = "clean"
 CHUNKS_DIR = "chunks"
 LOGS_DIR = "logs"
 MANIFEST_FILE = "manifest.parquet"
+DOCUMENTS_DIR = "documents"
+#: Where releases before sharded outputs wrote the documents table (removed when documents/ is written).
 DOCUMENTS_FILE = "documents.parquet"
+SCRATCH_DIR = ".scratch"
+CLEAN_REPORT_FILE = "report.json"
 STATUS_FILE = "status.json"
 STATS_FILE = "stats.json"
 FAILURES_FILE = "failures.jsonl"
@@ -44,7 +48,18 @@ class OutputDir:
 
     @property
     def documents(self) -> Path:
+        """One row per document: Parquet shards `train-NNNNN-of-NNNNN.parquet` (store/shards)."""
+        return self.root / DOCUMENTS_DIR
+
+    @property
+    def legacy_documents(self) -> Path:
+        """The single-file documents table of older releases: stale once documents/ exists."""
         return self.root / DOCUMENTS_FILE
+
+    @property
+    def scratch(self) -> Path:
+        """Staging shards and spill files of finalize/clean/chunk; never read as data."""
+        return self.root / SCRATCH_DIR
 
     @property
     def status(self) -> Path:
@@ -66,7 +81,25 @@ class OutputDir:
         return self.root / CLEAN_DIR
 
     @property
+    def clean_pages(self) -> Path:
+        """Sharded, like documents/."""
+        return self.clean / "pages"
+
+    @property
+    def clean_documents(self) -> Path:
+        return self.clean / "documents"
+
+    @property
+    def clean_dropped(self) -> Path:
+        return self.clean / "dropped"
+
+    @property
+    def clean_report(self) -> Path:
+        return self.clean / CLEAN_REPORT_FILE
+
+    @property
     def chunks(self) -> Path:
+        """Sharded, like documents/."""
         return self.root / CHUNKS_DIR
 
     @property
@@ -90,4 +123,5 @@ class OutputDir:
         """Everything computed from the pages, stale as soon as they change: the one list that
         invalidation (`store.index.invalidate_derived`) removes. The live status is in it because
         a finished job's says "finished"."""
-        return [self.documents, self.stats, self.status, self.failures, self.clean, self.chunks]
+        return [self.documents, self.legacy_documents, self.stats, self.status, self.failures,
+                self.clean, self.chunks]

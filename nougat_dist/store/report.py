@@ -17,10 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from nougat_dist.store.layout import FAILURES_FILE, OutputDir
+from nougat_dist.store.finalize import FAILED_STATUSES
+from nougat_dist.store.layout import OutputDir
 
-#: Page statuses that are failures (the rest: ok, empty). One spelling, used by finalize too.
-FAILED_STATUSES = ("fail", "render_error", "error")
 
 
 @dataclass

@@ -15,8 +15,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-
 from nougat_dist.store.layout import STATUS_FILE, OutputDir  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -64,8 +62,8 @@ def add_status_args(p: argparse.ArgumentParser) -> None:
 
 def collect(out: Path) -> dict[str, Any]:
     """Done / remaining / failed pages and the job's state."""
-    from nougat_dist.store.finalize import FAILED_STATUSES
-    from nougat_dist.store.index import chunk_paths, committed_units
+    from nougat_dist.store.finalize import FAILED_STATUSES, status_counts
+    from nougat_dist.store.index import committed_units
     from nougat_dist.store.manifest import load, make_units, unique_docs
 
     entries = load(out)
@@ -74,9 +72,7 @@ def collect(out: Path) -> dict[str, Any]:
                                 "or the job has not got past building its manifest")
     docs = unique_docs(entries)
     total = int(make_units(docs, 1).n_pages.sum())  # unit size does not change page counts
-    statuses: Counter[str] = Counter()
-    for p in chunk_paths(out):
-        statuses.update(pq.read_table(p, columns=["status"])["status"].to_pylist())
+    statuses: Counter[str] = Counter(status_counts(out))  # one chunk's column at a time
     done = sum(statuses.values())
     live: dict[str, Any] = {}
     layout = OutputDir(out)
