@@ -41,7 +41,7 @@ class Report:
             head = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
             msgs.append(f"{len(names)} document(s) need a look ({self.failed_pages} failed page(s), "
                         f"{len(self.unreadable)} unreadable): {head}; all of them, with reasons: "
-                        f"{out / FAILURES_FILE}")
+                        f"{OutputDir(out).failures}")
             msgs.append(f"`--retry-failed` on the same command would OCR the {self.failed_pages} "
                         f"failed page(s) again and inspect the {len(self.unreadable)} unreadable "
                         "input(s) again (e.g. after setting an archive password)")
