@@ -218,7 +218,7 @@ def wait_for_chunks(out_dir: Path, names: Iterable[str], timeout_s: float = 300.
     """Block until every named chunk is visible in pages/; returns seconds waited.
 
     Raises SetupError naming the chunks still missing: finalizing without them would write an
-    incomplete documents.parquet and stats.json that claims completeness."""
+    incomplete documents/ and stats.json that claims completeness."""
     pages = out_dir / PAGES_DIR
     missing = set(names)
     t0 = time.monotonic()
