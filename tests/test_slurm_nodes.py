@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,10 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from netns import Cluster, Node
-from test_slurm import ROOT, SBATCH, _stepd_pids, _tail, check_complete, ensure_slurm, job_env
+from test_slurm import Cluster as SlurmCluster
+from test_slurm import _tail, check_complete, ensure_slurm, job_env
 
-# Both jobs together on 2 noisy cores, rendezvous and requeue included.
-BUDGET_S = 420.0
 CTLD_PORT, SLURMD_PORT = 6817, 6818  # inside the namespaces made here: nothing else listens there
 
 
@@ -43,16 +41,13 @@ MOUNT_CGROUPS = ("mount -t tmpfs cgroup_root /sys/fs/cgroup && for c in " + " ".
     "; do mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c || exit; done")
 
 
-class SlurmNodes:
-    """slurmctld on node 0 and a slurmd on every node, in a temp dir; commands run on node 0."""
+class SlurmNodes(SlurmCluster):
+    """slurmctld on node 0 and a slurmd on every node, in a temp dir; client commands run on
+    node 0. Jobs, waiting and stopping are the one-node cluster's (tests/test_slurm.py)."""
 
     def __init__(self, nodes: Cluster, root: Path) -> None:
+        super().__init__(root)
         self.nodes = nodes
-        self.root = root
-        self.conf = root / "slurm.conf"
-        self.procs: list[subprocess.Popen] = []
-        self.job_ids: list[str] = []
-        self.deadline = time.monotonic() + BUDGET_S
 
     def write_config(self) -> None:
         for d in ("state", "log"):
@@ -98,19 +93,11 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         for n in self.nodes.nodes:
             (self.root / f"spool-{n.hostname}").mkdir(exist_ok=True)
 
-    @property
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        env["SLURM_CONF"] = str(self.conf)
-        return env
-
-    def run(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
-            **kw) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         """A Slurm client command on node 0 (it reaches slurmctld at node 0's address)."""
+        env = kw.pop("env", self.env)
         proc = subprocess.run(_in_node(self.nodes.nodes[0], list(cmd)), capture_output=True,
-                              text=True, env=env or self.env, timeout=60, **kw)
+                              text=True, env=env, timeout=60, **kw)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
         return proc
@@ -122,9 +109,9 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         cmds = [(head, ["slurmctld", "-D", "-f", str(self.conf)])]
         cmds += [(n, ["slurmd", "-D", "-f", str(self.conf), "-N", n.hostname]) for n in self.nodes.nodes]
         for node, cmd in cmds:
+            # ip, unshare and sh exec in turn: the process is the daemon (stop() signals it)
             self.procs.append(subprocess.Popen(_in_node(node, cmd), stdout=log,
-                                               stderr=subprocess.STDOUT, env=self.env,
-                                               start_new_session=True))
+                                               stderr=subprocess.STDOUT, env=self.env))
         log.close()
         until = time.monotonic() + 45
         while time.monotonic() < until:
@@ -139,62 +126,11 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         raise AssertionError(f"the nodes did not become idle in 45 s:\n{self.logs()}")
 
     def logs(self) -> str:
-        parts = []
-        for p in sorted((self.root / "log").glob("*")):
-            parts.append(f"--- {p.name}\n" + p.read_text(errors="replace")[-2500:])
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        if self.job_ids:
-            self.run("scancel", "--full", *self.job_ids, check=False)
-            until = time.monotonic() + 15
-            while time.monotonic() < until and self.run("squeue", "-h", check=False).stdout.strip():
-                time.sleep(0.5)
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        for pid in _stepd_pids(self.job_ids):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-2500:]
+                         for p in sorted((self.root / "log").glob("*")))
 
     def submit(self, out_log: Path, env: dict[str, str], *sbatch_args: str) -> str:
-        proc = self.run("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0",
-                        "--cpus-per-task=2", "--time=5", "--signal=B:USR1@30",
-                        f"--output={out_log}", *sbatch_args, str(SBATCH),
-                        env={**self.env, **env}, cwd=ROOT)
-        job_id = proc.stdout.strip().split(";")[0]
-        self.job_ids.append(job_id)
-        return job_id
-
-    def job(self, job_id: str) -> dict[str, str]:
-        proc = self.run("scontrol", "-o", "show", "job", job_id, check=False)
-        fields: dict[str, str] = {}
-        for word in proc.stdout.split():
-            key, _, value = word.partition("=")
-            fields.setdefault(key, value)
-        return fields
-
-    def wait_done(self, job_id: str, log_path: Path) -> dict[str, str]:
-        while True:
-            info = self.job(job_id)
-            state = info.get("JobState", "")
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-                return info
-            if self.remaining() <= 0:
-                raise AssertionError(f"job {job_id} still {state} at the end of the test budget "
-                                     f"({BUDGET_S:.0f} s)\n{_tail(log_path)}\n{self.logs()}")
-            time.sleep(0.5)
+        return super().submit(out_log, env, "--nodes=2", *sbatch_args)
 
 
 @pytest.fixture(scope="module")
