@@ -23,6 +23,25 @@ from nougat_dist.store.manifest import DocEntry, parse_unit_key, unit_key
 
 # --- the in-memory join as it was, kept as the reference ------------------------------------------
 
+def _reference_drop_duplicate_pages(out_dir: Path) -> int:
+    """The in-memory page dedup of releases before DuckDB: first chunk, first row wins."""
+    seen: set[tuple[str, int]] = set()
+    removed = 0
+    for path in index.chunk_paths(out_dir):
+        table = pq.read_table(path)
+        keep = []
+        for k in zip(table["doc_id"].to_pylist(), table["page"].to_pylist()):
+            keep.append(k not in seen)
+            seen.add(k)
+        if sum(keep) < len(keep):
+            removed += len(keep) - sum(keep)
+            if sum(keep):
+                pq.write_table(table.filter(pa.array(keep)), path)
+            else:
+                path.unlink()
+    return removed
+
+
 def _reference_drop_duplicate_units(out_dir: Path) -> int:
     dupes: dict[Path, list[str]] = defaultdict(list)
     for key, paths in index.committed_units(out_dir).items():
@@ -48,7 +67,7 @@ def _reference_drop_duplicate_units(out_dir: Path) -> int:
 
 
 def _reference_documents(out_dir: Path, entries: list[DocEntry]) -> list[dict]:
-    removed = _reference_drop_duplicate_units(out_dir) + index.drop_duplicate_pages(out_dir)
+    removed = _reference_drop_duplicate_units(out_dir) + _reference_drop_duplicate_pages(out_dir)
     paths = index.chunk_paths(out_dir)
     pages = pa.concat_tables(pq.read_table(p, schema=PAGES_SCHEMA) for p in paths).to_pydict()
     by_doc: dict[str, list[tuple[int, str, str]]] = defaultdict(list)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import run_launch
-from nougat_dist.store import index
+from nougat_dist.store import finalize, index
 from nougat_dist.store import attempts
 from nougat_dist.store.chunks import PAGES_SCHEMA, ChunkWriter, chunk_name, chunk_seq
 from nougat_dist.store.layout import OutputDir
@@ -27,6 +27,15 @@ def _pages(out: Path) -> dict:
     assert len(keys) == len(set(keys)), "duplicate (doc_id, page) rows"
     return dict(zip(keys, df.text))
 
+
+
+def _drop_duplicate_pages(out_dir: Path) -> int:
+    """finalize's page dedup, as the end of a job runs it."""
+    con = finalize.connect(out_dir.parent / f"{out_dir.name}-scratch", finalize.DEFAULT_MEMORY_BUDGET)
+    try:
+        return finalize.drop_duplicate_pages(out_dir, con)
+    finally:
+        con.close()
 
 def test_unit_pages_batch_size_and_world_size_change_mid_job(tmp_path: Path) -> None:
     write_long_pdf(tmp_path / "in" / "book.pdf", 12)
@@ -61,10 +70,10 @@ def test_finalize_drops_any_duplicate_page(tmp_path: Path) -> None:
     chunk("part-r00000-000000.parquet", [1, 2, 3], "a")
     chunk("part-r00001-000000.parquet", [3, 4], "b")  # page 3 again, under another unit key
     chunk("part-r00001-000001.parquet", [4], "c")  # only a duplicate: the file goes
-    assert index.drop_duplicate_pages(tmp_path) == 2
+    assert _drop_duplicate_pages(tmp_path) == 2
     assert _pages(tmp_path) == {("d", 1): "a1", ("d", 2): "a2", ("d", 3): "a3", ("d", 4): "b4"}
     assert not (out.pages / "part-r00001-000001.parquet").exists()
-    assert index.drop_duplicate_pages(tmp_path) == 0
+    assert _drop_duplicate_pages(tmp_path) == 0
 
 
 def test_chunk_names_carry_the_run_and_old_names_still_count(tmp_path: Path) -> None:
@@ -94,7 +103,7 @@ def test_chunk_names_carry_the_run_and_old_names_still_count(tmp_path: Path) -> 
     assert names == ["part-r00000-000004.parquet", "part-r00000-000005-job1.0.parquet",
                      "part-r00000-000005-job2.0.parquet"]
     assert index.committed_pages(tmp_path)["d"].tolist() == [1, 2]
-    assert index.drop_duplicate_pages(tmp_path) == 1 and len(pd.read_parquet(out.pages)) == 2
+    assert _drop_duplicate_pages(tmp_path) == 1 and len(pd.read_parquet(out.pages)) == 2
     # The attempt records attribute both kinds of name by their sequence numbers.
     assert attempts._next_seq(tmp_path, 0) == 6
     assert len(attempts._rank_chunks(tmp_path, 0, 4, 5)) == 1

@@ -70,34 +70,6 @@ def committed_pages(out_dir: Path) -> dict[str, np.ndarray]:
     return {d: np.unique(np.concatenate(parts)) for d, parts in pages.items()}
 
 
-def drop_duplicate_pages(out_dir: Path) -> int:
-    """Keep each (doc_id, page) in the first chunk that holds it; rewrite later chunks without it.
-
-    Whatever produced a duplicate (a raced steal, a unit size changed between runs, an older
-    release), a page is stored once. Each rewrite is atomic, so a crash midway leaves a state
-    the next finalize completes. Returns rows removed.
-    """
-    seen: set[tuple[str, int]] = set()
-    removed = 0
-    for path in chunk_paths(out_dir):
-        table = pq.read_table(path)
-        keys = list(zip(table["doc_id"].to_pylist(), table["page"].to_pylist()))
-        keep = []
-        for k in keys:
-            keep.append(k not in seen)
-            seen.add(k)
-        n_drop = len(keep) - sum(keep)
-        if not n_drop:
-            continue
-        removed += n_drop
-        if n_drop == len(keep):
-            path.unlink()
-        else:
-            atomic_write_table(table.filter(pa.array(keep)), path, table.schema.metadata)
-        log.info("removed %d duplicate page row(s) from %s", n_drop, path.name)
-    return removed
-
-
 def committed_models(out_dir: Path) -> set[tuple[str, str]]:
     """The (model, dtype) pairs of the committed rows."""
     found: set[tuple[str, str]] = set()
