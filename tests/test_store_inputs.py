@@ -172,7 +172,7 @@ def test_plan_writes_nothing_and_stale_derived_outputs_are_removed(tmp_path: Pat
     write_long_pdf(inp / "a.pdf", 4, seed=5)  # replaced in place
     write_long_pdf(inp / "c.pdf", 2, seed=6)  # added
     before = _tree(out)
-    assert "clean/pages.parquet" in before and "attempts" in before
+    assert any(p.startswith("clean/pages/train-") for p in before) and "attempts" in before
     for extra in ([], ["--rebuild-manifest", "--retry-failed", "--redo-other-model",
                        "--discard-committed"]):
         plan = run_launch(["--plan", *args, *extra]).stdout

@@ -15,7 +15,8 @@ def test_paths_are_under_the_root(tmp_path: Path) -> None:
              out.clean_pages, out.clean_documents, out.clean_dropped, out.clean_report]
     assert all(p.is_relative_to(tmp_path) for p in paths)
     assert len(set(paths)) == len(paths)
-    assert set(out.derived()) == {out.documents, out.stats, out.status, out.clean, out.chunks}
+    assert set(out.derived()) == {out.documents, out.legacy_documents, out.stats, out.status,
+                                  out.failures, out.clean, out.chunks}
 
 
 def test_modules_write_where_the_layout_says(tmp_path: Path) -> None:
