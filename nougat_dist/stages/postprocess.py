@@ -286,6 +286,138 @@ def _columns(table: pa.Table, names: Sequence[str]) -> list[list]:
     return [table.column(n).to_pylist() for n in names]
 
 
+class _Drops:
+    """Every dropped page or document: a row in clean/dropped/ and a count by reason."""
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self.rows: list[dict] = []
+        self.pages: Counter[str] = Counter()
+        self.documents: Counter[str] = Counter()
+
+    def __call__(self, doc_id: str, page: int | None, reason: str, detail: str | None = None) -> None:
+        self.rows.append({"doc_id": doc_id, "page": page, "reason": reason, "detail": detail})
+        (self.documents if page is None else self.pages)[reason] += 1
+        if len(self.rows) >= 4096:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write(pa.Table.from_pylist(self.rows, schema=DROPPED_SCHEMA))
+            self.rows.clear()
+
+
+def _clean_document(pages: Sequence[int | None], statuses: Sequence[str], texts: Sequence[str],
+                    doc_id: str, opts: CleanOptions, report: CleanReport, removed: Counter[str],
+                    drop: _Drops) -> list[tuple[int, str]]:
+    """Steps 1-5 on one document's pages (in page order): the (page, text) it keeps."""
+    kept: list[tuple[int, str]] = []
+    for page, status, raw in zip(pages, statuses, texts):
+        if page is None:
+            continue  # a document without committed pages
+        report.pages_in += 1
+        if status != "ok":
+            drop(doc_id, page, f"status:{status}")
+            continue
+        removed["missing_page_markers"] += len(_MISSING_RE.findall(raw))
+        text, n = collapse_repeats(normalise(raw), opts.max_line_repeats)
+        removed["repeated_lines"] += n
+        kept.append((page, text))
+    junk = boilerplate_lines([t for _, t in kept], opts)
+    good: list[tuple[int, str]] = []
+    for page, text in kept:
+        if junk:
+            lines = text.split("\n")
+            kept_lines = [ln for ln in lines if ln not in junk]
+            removed["boilerplate_lines"] += len(lines) - len(kept_lines)
+            text = normalise("\n".join(kept_lines))
+        problem = quality_problem(text, opts)
+        if problem is not None:
+            drop(doc_id, page, *problem)
+        else:
+            good.append((page, text))
+    return good
+
+
+def _pass1(con, page_paths: list[str], doc_paths: list[Path], scratch: Path, opts: CleanOptions,
+           memory_budget: int, report: CleanReport, removed: Counter[str],
+           drop: _Drops) -> tuple[list[Path], list[Path], int]:
+    """Steps 1-5, one document at a time: the kept pages and each document's text hash."""
+    good = ShardWriter(scratch / "good", _GOOD_SCHEMA, scratch / "staging")
+    doc_shas = ShardWriter(scratch / "docs", _DOC_SHA_SCHEMA, scratch / "staging")
+    con.execute(_CLEAN_DOCS_SQL, {"documents": [str(p) for p in doc_paths],
+                                  "pages_per_bucket": pages_per_bucket(page_paths, memory_budget)}
+                ).fetchall()
+    n_buckets = con.execute("SELECT coalesce(max(bucket), -1) + 1 FROM cdocs").fetchall()[0][0]
+    rows = sorted_by_buckets(con, _CLEAN_INPUT_SQL, {"pages": page_paths}, scratch / "pass1", n_buckets)
+    for table in whole_groups(rows, "ord"):
+        ords, doc_ids, sources, members, pages, statuses, texts = _columns(
+            table, ["ord", "doc_id", "source", "member", "page", "status", "text"])
+        starts = group_starts(table, "ord")
+        good_rows: list[dict] = []
+        for a, b in zip(starts, [*starts[1:], len(ords)]):
+            doc_id = doc_ids[a]
+            report.documents_in += 1
+            doc_good = _clean_document(pages[a:b], statuses[a:b], texts[a:b], doc_id, opts, report,
+                                       removed, drop)
+            good_rows += [{"ord": ords[a], "doc_id": doc_id, "source": sources[a],
+                           "member": members[a], "page": p, "text": t, "sha": _sha(t)}
+                          for p, t in doc_good]
+            doc_shas.write(pa.Table.from_pylist(
+                [{"ord": ords[a], "doc_id": doc_id,
+                  "doc_sha": _sha(PAGE_SEPARATOR.join(t for _, t in doc_good)) if doc_good else None}],
+                schema=_DOC_SHA_SCHEMA))
+        good.write(pa.Table.from_pylist(good_rows, schema=_GOOD_SCHEMA))
+    return good.close(), doc_shas.close(), n_buckets
+
+
+def _pass2(con, good_paths: list[Path], doc_sha_paths: list[Path], n_buckets: int, scratch: Path,
+           layout: OutputDir, report: CleanReport, drop: _Drops) -> None:
+    """Step 6 (dedup), then clean/pages/ and clean/documents/, in document order."""
+    out_pages = ShardWriter(layout.clean_pages, CLEAN_PAGES_SCHEMA, scratch)
+    out_docs = ShardWriter(layout.clean_documents, CLEAN_DOCUMENTS_SCHEMA, scratch)
+    rows = sorted_by_buckets(con, _CLEAN_DEDUP_SQL, {"good": [str(p) for p in good_paths],
+                                                     "docs": [str(p) for p in doc_sha_paths]},
+                             scratch / "pass2", n_buckets)
+    for table in whole_groups(rows, "ord"):
+        cols = _columns(table, ["doc_id", "doc_sha", "dup_of", "source", "member", "page", "text",
+                                "sha", "page_dup_doc", "page_dup_page"])
+        doc_ids, doc_sha, dup_of, sources, members, pages, texts, shas, pdoc, ppage = cols
+        starts = group_starts(table, "ord")
+        page_rows: list[dict] = []
+        doc_rows: list[dict] = []
+        for a, b in zip(starts, [*starts[1:], len(doc_ids)]):
+            doc_id = doc_ids[a]
+            if doc_sha[a] is None:
+                drop(doc_id, None, "no_pages_kept")
+                continue
+            if dup_of[a] is not None:
+                drop(doc_id, None, "duplicate_document", f"same text as {dup_of[a]}")
+                for i in range(a, b):
+                    drop(doc_id, pages[i], "duplicate_document", f"same text as {dup_of[a]}")
+                continue
+            final: list[tuple[int, str]] = []
+            for i in range(a, b):
+                if pdoc[i] is not None:
+                    drop(doc_id, pages[i], "duplicate_page", f"same text as {pdoc[i]} page {ppage[i]}")
+                    continue
+                final.append((pages[i], texts[i]))
+                page_rows.append({"doc_id": doc_id, "source": sources[i], "member": members[i],
+                                  "page": pages[i], "text": texts[i], "sha256": shas[i]})
+            if not final:
+                drop(doc_id, None, "no_pages_kept")
+                continue
+            doc_rows.append({"doc_id": doc_id, "source": sources[a], "member": members[a],
+                             "pages": [p for p, _ in final],
+                             "text": PAGE_SEPARATOR.join(t for _, t in final)})
+        out_pages.write(pa.Table.from_pylist(page_rows, schema=CLEAN_PAGES_SCHEMA))
+        out_docs.write(pa.Table.from_pylist(doc_rows, schema=CLEAN_DOCUMENTS_SCHEMA))
+        report.pages_kept += len(page_rows)
+        report.documents_kept += len(doc_rows)
+    out_pages.close()
+    out_docs.close()
+
+
 def clean(out_dir: Path, opts: CleanOptions = CleanOptions(),
           memory_budget: int = DEFAULT_MEMORY_BUDGET) -> CleanReport:
     """Run the clean stage on a job output dir; write clean/ and return the report.
@@ -295,139 +427,35 @@ def clean(out_dir: Path, opts: CleanOptions = CleanOptions(),
     """
     from nougat_dist.store.finalize import connect
 
-
     out_dir = Path(out_dir)
     layout = OutputDir(out_dir)
     doc_paths = _documents(out_dir)
     scratch = scratch_dir(out_dir, "clean")
     report = CleanReport(options=asdict(opts))
     removed: Counter[str] = Counter()
-    dropped_pages: Counter[str] = Counter()
-    dropped_docs: Counter[str] = Counter()
     page_paths = [str(p) for p in chunk_paths(out_dir)]
     if not page_paths:
         page_paths = [str(scratch / "no-pages.parquet")]
         pq.write_table(PAGES_SCHEMA.empty_table(), page_paths[0])
     con = connect(scratch, memory_budget)
-    dropped = ShardWriter(layout.clean_dropped, DROPPED_SCHEMA, scratch)
-    drops: list[dict] = []
-
-    def drop(doc_id: str, page: int | None, reason: str, detail: str | None = None) -> None:
-        drops.append({"doc_id": doc_id, "page": page, "reason": reason, "detail": detail})
-        (dropped_docs if page is None else dropped_pages)[reason] += 1
-        if len(drops) >= 4096:
-            dropped.write(pa.Table.from_pylist(drops, schema=DROPPED_SCHEMA))
-            drops.clear()
-
+    drop = _Drops(ShardWriter(layout.clean_dropped, DROPPED_SCHEMA, scratch))
     try:
-        # Pass 1: steps 1-5, one document at a time.
-        good = ShardWriter(scratch / "good", _GOOD_SCHEMA, scratch / "staging")
-        doc_shas = ShardWriter(scratch / "docs", _DOC_SHA_SCHEMA, scratch / "staging")
-        con.execute(_CLEAN_DOCS_SQL, {"documents": [str(p) for p in doc_paths],
-                                      "pages_per_bucket": pages_per_bucket(page_paths, memory_budget)}
-                    ).fetchall()
-        n_buckets = con.execute("SELECT coalesce(max(bucket), -1) + 1 FROM cdocs").fetchall()[0][0]
-        rows = sorted_by_buckets(con, _CLEAN_INPUT_SQL, {"pages": page_paths}, scratch / "pass1", n_buckets)
-        for table in whole_groups(rows, "ord"):
-            ords, doc_ids, sources, members, pages, statuses, texts = _columns(
-                table, ["ord", "doc_id", "source", "member", "page", "status", "text"])
-            starts = group_starts(table, "ord")
-            good_rows: list[dict] = []
-            for a, b in zip(starts, [*starts[1:], len(ords)]):
-                doc_id = doc_ids[a]
-                report.documents_in += 1
-                kept: list[tuple[int, str]] = []
-                for i in range(a, b):
-                    if pages[i] is None:
-                        continue  # a document without committed pages
-                    report.pages_in += 1
-                    if statuses[i] != "ok":
-                        drop(doc_id, pages[i], f"status:{statuses[i]}")
-                        continue
-                    removed["missing_page_markers"] += len(_MISSING_RE.findall(texts[i]))
-                    text, n = collapse_repeats(normalise(texts[i]), opts.max_line_repeats)
-                    removed["repeated_lines"] += n
-                    kept.append((pages[i], text))
-                junk = boilerplate_lines([t for _, t in kept], opts)
-                doc_good: list[tuple[int, str]] = []
-                for page, text in kept:
-                    if junk:
-                        lines = text.split("\n")
-                        kept_lines = [ln for ln in lines if ln not in junk]
-                        removed["boilerplate_lines"] += len(lines) - len(kept_lines)
-                        text = normalise("\n".join(kept_lines))
-                    problem = quality_problem(text, opts)
-                    if problem is not None:
-                        drop(doc_id, page, *problem)
-                    else:
-                        doc_good.append((page, text))
-                good_rows += [{"ord": ords[a], "doc_id": doc_id, "source": sources[a],
-                               "member": members[a], "page": p, "text": t, "sha": _sha(t)}
-                              for p, t in doc_good]
-                doc_shas.write(pa.Table.from_pylist(
-                    [{"ord": ords[a], "doc_id": doc_id,
-                      "doc_sha": _sha(PAGE_SEPARATOR.join(t for _, t in doc_good)) if doc_good else None}],
-                    schema=_DOC_SHA_SCHEMA))
-            good.write(pa.Table.from_pylist(good_rows, schema=_GOOD_SCHEMA))
-        good_paths, doc_paths_2 = good.close(), doc_shas.close()
-
-        # Pass 2: step 6 (dedup), then the outputs, in document order.
-        out_pages = ShardWriter(layout.clean_pages, CLEAN_PAGES_SCHEMA, scratch)
-        out_docs = ShardWriter(layout.clean_documents, CLEAN_DOCUMENTS_SCHEMA, scratch)
-        rows = sorted_by_buckets(con, _CLEAN_DEDUP_SQL, {"good": [str(p) for p in good_paths],
-                                                         "docs": [str(p) for p in doc_paths_2]},
-                                 scratch / "pass2", n_buckets)
-        for table in whole_groups(rows, "ord"):
-            cols = _columns(table, ["doc_id", "doc_sha", "dup_of", "source", "member", "page", "text",
-                                    "sha", "page_dup_doc", "page_dup_page"])
-            doc_ids, doc_sha, dup_of, sources, members, pages, texts, shas, pdoc, ppage = cols
-            starts = group_starts(table, "ord")
-            page_rows: list[dict] = []
-            doc_rows: list[dict] = []
-            for a, b in zip(starts, [*starts[1:], len(doc_ids)]):
-                doc_id = doc_ids[a]
-                if doc_sha[a] is None:
-                    drop(doc_id, None, "no_pages_kept")
-                    continue
-                if dup_of[a] is not None:
-                    drop(doc_id, None, "duplicate_document", f"same text as {dup_of[a]}")
-                    for i in range(a, b):
-                        drop(doc_id, pages[i], "duplicate_document", f"same text as {dup_of[a]}")
-                    continue
-                final: list[tuple[int, str]] = []
-                for i in range(a, b):
-                    if pdoc[i] is not None:
-                        drop(doc_id, pages[i], "duplicate_page", f"same text as {pdoc[i]} page {ppage[i]}")
-                        continue
-                    final.append((pages[i], texts[i]))
-                    page_rows.append({"doc_id": doc_id, "source": sources[i], "member": members[i],
-                                      "page": pages[i], "text": texts[i], "sha256": shas[i]})
-                if not final:
-                    drop(doc_id, None, "no_pages_kept")
-                    continue
-                doc_rows.append({"doc_id": doc_id, "source": sources[a], "member": members[a],
-                                 "pages": [p for p, _ in final],
-                                 "text": PAGE_SEPARATOR.join(t for _, t in final)})
-            out_pages.write(pa.Table.from_pylist(page_rows, schema=CLEAN_PAGES_SCHEMA))
-            out_docs.write(pa.Table.from_pylist(doc_rows, schema=CLEAN_DOCUMENTS_SCHEMA))
-            report.pages_kept += len(page_rows)
-            report.documents_kept += len(doc_rows)
-        if drops:
-            dropped.write(pa.Table.from_pylist(drops, schema=DROPPED_SCHEMA))
-        out_pages.close()
-        out_docs.close()
-        dropped.close()
+        good_paths, doc_sha_paths, n_buckets = _pass1(con, page_paths, doc_paths, scratch, opts,
+                                                      memory_budget, report, removed, drop)
+        _pass2(con, good_paths, doc_sha_paths, n_buckets, scratch, layout, report, drop)
+        drop.flush()
+        drop.writer.close()
     except BaseException:
-        dropped.abort()
+        drop.writer.abort()
         raise
     finally:
         con.close()
         clear_scratch(out_dir, "clean")
 
-    report.dropped_pages = dict(sorted(dropped_pages.items()))
-    report.dropped_documents = dict(sorted(dropped_docs.items()))
+    report.dropped_pages = dict(sorted(drop.pages.items()))
+    report.dropped_documents = dict(sorted(drop.documents.items()))
     report.removed = dict(sorted(removed.items()))
-    assert report.pages_kept + sum(dropped_pages.values()) == report.pages_in, "every page is kept or dropped"
+    assert report.pages_kept + sum(drop.pages.values()) == report.pages_in, "every page is kept or dropped"
     for old in ("pages.parquet", "documents.parquet", "dropped.parquet"):  # an older release's files
         (layout.clean / old).unlink(missing_ok=True)
     atomic_write_text(json.dumps(asdict(report), indent=2, sort_keys=True) + "\n", layout.clean_report)
