@@ -412,6 +412,33 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _run_stats(parts: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """This run's fields of stats.json, from every rank's RankStats (as gathered)."""
+    wall = max(p["wall_s"] for p in parts)
+    pages_done = sum(p["pages"] for p in parts)
+    idle = sum(p["idle_s"] for p in parts)
+    return {
+        "pages_this_run": pages_done,
+        "wall_s": round(wall, 3),
+        # from the first rank starting work to the last rank finishing it (setup excluded)
+        "makespan_s": round(max(p["work_end"] for p in parts) - min(p["work_start"] for p in parts), 3),
+        "pages_per_s": round(pages_done / wall, 3) if wall > 0 else None,
+        "idle_fraction": round(idle / (wall * world_size), 4) if wall > 0 else None,
+        "busy_s": round(sum(p["busy_s"] for p in parts), 3),
+        "world_size": world_size,
+        "restart_count": restart_count(),
+        "per_rank": [
+            {"rank": p["rank"], "host": p["host"], "pages": p["pages"], "units": p["units"],
+             "units_stolen": p["units_stolen"],
+             "pages_per_s": round(p["pages"] / p["busy_s"], 3) if p["busy_s"] else None,
+             "busy_s": round(p["busy_s"], 3), "idle_s": round(p["idle_s"], 3),
+             "failures": p["failures"], "oom_retries": p["oom_retries"],
+             "render_recoveries": p["render_recoveries"], "rounds": p["rounds"]}
+            for p in parts
+        ],
+    }
+
+
 def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: ChunkWriter) -> int:
     out = Path(cfg.output)
     mine = {**stats.__dict__, "host": platform.node(), "chunks": writer.committed}
@@ -426,41 +453,20 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
     attempts.wait_for_chunks(out, [name for p in parts for name in p["chunks"]])
     # The same code as `nougat-dist finalize OUT`, which redoes this step alone if it dies here.
     final = gather.finalize(out, cfg.finalize_memory, plan.entries)
-    counts, removed = final.pages_by_status, final.duplicate_rows_removed
-    wall = max(p["wall_s"] for p in parts)
-    pages_done = sum(p["pages"] for p in parts)
-    busy = sum(p["busy_s"] for p in parts)
-    idle = sum(p["idle_s"] for p in parts)
-    failed = sum(v for k, v in counts.items() if k in gather.FAILED_STATUSES)
+    counts = final.pages_by_status
+    run = _run_stats(parts, info.world_size)
     result = {
         "complete": True,
         "documents": final.documents,
         "finalize_s": final.wall_s,
         "pages_total": plan.total_pages,
-        "pages_this_run": pages_done,
         "pages_resumed": plan.committed_pages,
         "pages_by_status": counts,
-        "failed_pages": failed,
-        "duplicate_rows_removed": removed,
+        "failed_pages": final.failed_pages,
+        "duplicate_rows_removed": final.duplicate_rows_removed,
         # Σ page tokens / Σ (batch size x batch decode steps), from the committed page rows
         "decode": gather.decode_efficiency(out),
-        "wall_s": round(wall, 3),
-        # from the first rank starting work to the last rank finishing it (setup excluded)
-        "makespan_s": round(max(p["work_end"] for p in parts) - min(p["work_start"] for p in parts), 3),
-        "pages_per_s": round(pages_done / wall, 3) if wall > 0 else None,
-        "idle_fraction": round(idle / (wall * info.world_size), 4) if wall > 0 else None,
-        "busy_s": round(busy, 3),
-        "world_size": info.world_size,
-        "restart_count": restart_count(),
-        "per_rank": [
-            {"rank": p["rank"], "host": p["host"], "pages": p["pages"], "units": p["units"],
-             "units_stolen": p["units_stolen"],
-             "pages_per_s": round(p["pages"] / p["busy_s"], 3) if p["busy_s"] else None,
-             "busy_s": round(p["busy_s"], 3), "idle_s": round(p["idle_s"], 3),
-             "failures": p["failures"], "oom_retries": p["oom_retries"],
-             "render_recoveries": p["render_recoveries"], "rounds": p["rounds"]}
-            for p in parts
-        ],
+        **run,
         **attempts.summarize(out, attempts.current_attempt() or ""),
         "config": {k: v for k, v in cfg.__dict__.items()},
         "versions": _versions(),
@@ -474,7 +480,8 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
                                   "ranks_alive": 0, "per_rank": result["per_rank"]}, indent=2) + "\n",
                       out / STATUS_FILE)
     msg = (f"done: {final.documents} documents, {plan.total_pages} pages "
-           f"({pages_done} this run, {plan.committed_pages} resumed) in {wall:.1f}s → {out}")
+           f"({run['pages_this_run']} this run, {plan.committed_pages} resumed) in "
+           f"{run['wall_s']:.1f}s → {out}")
     log.info(msg)
     # Which inputs need a look, by name: failed pages, unreadable inputs, duplicates.
     for line in store_report.build(out).lines(out):
