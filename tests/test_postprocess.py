@@ -203,8 +203,13 @@ def test_clean_then_chunk_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_datasets_loads_pages_documents_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: imported first, and the constant set
+    # (and restored) here, so offline mode does not leak into later tests (the upload tests).
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     import datasets
 
     out = write_job_output(tmp_path / "out")
