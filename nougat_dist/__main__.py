@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
               "nougat_dist.stages.postprocess", "add_clean_args", "run_clean"),
     "chunk": ("cut OUTPUT/clean/pages/ into token-limited chunks at markdown section and "
               "paragraph boundaries; writes OUTPUT/chunks/",
-              "nougat_dist.stages.postprocess", "add_chunk_args", "run_chunk"),
+              "nougat_dist.stages.chunk", "add_chunk_args", "run_chunk"),
     "upload": ("push the Parquet dataset in OUTPUT to a Hugging Face Hub dataset repo with a "
                "generated dataset card (--dry-run prints the plan)",
                "nougat_dist.stages.upload", "add_upload_args", "run_upload"),
