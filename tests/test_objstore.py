@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from nougat_dist.inputs import remote as download
 from nougat_dist.inputs.remote import Downloader, DownloadError
 from nougat_dist.inputs.sources import InputError, Source, discover, read_bytes
 from nougat_dist.store import bucket
+from nougat_dist.store.lease import LeaseHeld
 from nougat_dist.store.manifest import inspect
 
 BUCKET = "papers-bucket"
@@ -338,6 +340,95 @@ def test_a_second_job_on_the_same_prefix_is_refused(s3, local_run, tmp_path):
         other.release()
     s3.invalidate_cache()
     assert not s3.exists(f"{BUCKET}/out/shared/lease.json")
+
+
+def _stale_lease(out: str, stage: Path) -> bucket.BucketLease:
+    """A lease left by a job that died elsewhere an hour ago."""
+    dead = bucket.BucketLease(bucket.BucketSync(out, stage), "slurm:1")
+    dead.holder.host = "a-node-that-died"
+    dead.holder.heartbeat -= 3600
+    dead.acquire()
+    return dead
+
+
+def test_two_jobs_taking_over_one_stale_lease_exactly_one_wins(s3, tmp_path, monkeypatch):
+    """Both takers read the stale lease before either writes (the interleaving in which a
+    read-then-write takeover lets both start); the takeover is conditional on the version they
+    read, so the store accepts one write, and the other taker re-reads and is refused."""
+    out = url("out/stale")
+    dead = _stale_lease(out, tmp_path / "dead")
+    takers = [bucket.BucketLease(bucket.BucketSync(out, tmp_path / f"t{i}"), f"slurm:{10 + i}")
+              for i in range(2)]
+    both_read = threading.Barrier(2, timeout=30)
+    real_read = bucket.BucketLease._read
+
+    def read_then_wait(self):
+        holder, version = real_read(self)
+        if self in takers and holder is not None and holder.token == dead.holder.token:
+            both_read.wait()
+        return holder, version
+
+    monkeypatch.setattr(bucket.BucketLease, "_read", read_then_wait)
+    sent: list[dict] = []
+    real_replace = bucket.BucketLease._replace
+
+    def record(self, version):
+        sent.append({"taker": takers.index(self), "version": version})
+        return real_replace(self, version)
+
+    monkeypatch.setattr(bucket.BucketLease, "_replace", record)
+    outcome: dict[int, str] = {}
+
+    def take(i: int) -> None:
+        try:
+            takers[i].acquire()
+            outcome[i] = "won"
+        except LeaseHeld as e:
+            outcome[i] = str(e)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcome) == [0, 1] and list(outcome.values()).count("won") == 1, outcome
+    winner = next(i for i, o in outcome.items() if o == "won")
+    loser = 1 - winner
+    # Both sent a conditional takeover on the stale lease's ETag; only one was accepted.
+    etag = s3.info(f"{BUCKET}/out/stale/lease.json")["ETag"]
+    assert len(sent) == 2 and sent[0]["version"] == sent[1]["version"] != etag, sent
+    assert f"slurm:{10 + winner}" in outcome[loser] and "being written by another job" in outcome[loser]
+    held = json.loads(s3.cat_file(f"{BUCKET}/out/stale/lease.json"))
+    assert held["token"] == takers[winner].holder.token
+    # The dead job, back to life, finds out at its next renewal and writes nothing over it.
+    monkeypatch.setattr(bucket.BucketLease, "_replace", real_replace)
+    assert not dead.renew()
+    assert takers[winner].renew()
+    assert json.loads(s3.cat_file(f"{BUCKET}/out/stale/lease.json"))["token"] == takers[winner].holder.token
+    takers[winner].release()
+    assert not s3.exists(f"{BUCKET}/out/stale/lease.json")
+
+
+def test_a_renewal_after_a_takeover_does_not_overwrite_it(s3, tmp_path, monkeypatch):
+    """The holder reads its own lease, another job takes it over before the holder writes the
+    new heartbeat: the heartbeat's write is conditional, fails, and the holder stops."""
+    out = url("out/renew")
+    slow = _stale_lease(out, tmp_path / "slow")
+    taker = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "taker"), "slurm:20")
+    real_read = bucket.BucketLease._read
+    calls = []
+
+    def read_then_lose(self):
+        got = real_read(self)
+        if self is slow and not calls:
+            calls.append(1)
+            taker.acquire()  # between the holder's read and its write
+        return got
+
+    monkeypatch.setattr(bucket.BucketLease, "_read", read_then_lose)
+    assert not slow.renew()
+    assert calls and json.loads(s3.cat_file(f"{BUCKET}/out/renew/lease.json"))["token"] == taker.holder.token
+    taker.release()
 
 
 def test_push_creates_chunks_once_and_never_overwrites_another_writers(s3, tmp_path, caplog):
