@@ -468,7 +468,7 @@ def gcs_endpoint():
     """A GCS emulator (the JSON API gcsfs speaks) on a free loopback port, in memory.
 
     It does not implement ifGenerationMatch, so a create-if-absent write overwrites there: the
-    precondition and lease tests run against the S3 server only."""
+    job tests here do not rely on it; `gcs_requests` records what is sent and enforces it."""
     import gcsfs  # noqa: F401 - pinned in requirements-dev.txt
     from gcp_storage_emulator.server import create_server
 
@@ -508,3 +508,101 @@ def test_gcs_inputs_and_output_through_gcsfs(gcs_endpoint, corpus, local_run, tm
     assert rows(tmp_path / "got") == local_run[1]
     assert json.loads((tmp_path / "got" / "stats.json").read_text())["complete"]
     assert not (tmp_path / "got" / "lease.json").exists()
+
+
+class _ConditionNotMet(Exception):
+    pass
+
+
+@pytest.fixture
+def gcs_requests(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict]]:
+    """Every request the GCS emulator receives, as (method, path, query).
+
+    The emulator keeps generations but ignores ifGenerationMatch; this fixture enforces it where
+    objects are stored (the emulator serves one request at a time, so the check and the write
+    are one step, as on GCS) and answers 412 as GCS does. What is proven with it is that the
+    client sends the precondition and handles the refusal; that GCS enforces it is GCS's
+    documented behaviour, not something this emulator can show."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from gcp_storage_emulator import server as emu
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.storage import Storage
+
+    seen: list[tuple[str, str, dict]] = []
+    real_handle, real_create = emu.Router.handle, Storage.create_file
+
+    def handle(self, method):
+        u = urlsplit(self._request_handler.path)
+        seen.append((method, u.path, parse_qs(u.query)))
+        try:
+            return real_handle(self, method)
+        except _ConditionNotMet:
+            rh = self._request_handler
+            body = b'{"error": {"code": 412, "message": "conditionNotMet"}}'
+            rh.send_response(412)
+            rh.send_header("Content-Type", "application/json")
+            rh.send_header("Content-Length", str(len(body)))
+            rh.end_headers()
+            rh.wfile.write(body)
+
+    def create_file(self, bucket_name, file_name, content, file_obj, file_id=None):
+        want = seen[-1][2].get("ifGenerationMatch", [None])[0]
+        if want is not None:
+            try:
+                have = str(self.get_file_obj(bucket_name, file_name)["generation"])
+            except NotFound:
+                have = "0"
+            if have != want:
+                raise _ConditionNotMet(f"{file_name}: generation {have}, wanted {want}")
+        return real_create(self, bucket_name, file_name, content, file_obj, file_id)
+
+    monkeypatch.setattr(emu.Router, "handle", handle)
+    monkeypatch.setattr(Storage, "create_file", create_file)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
+    return seen
+
+
+def test_gcs_writes_carry_their_generation_preconditions(gcs_requests, tmp_path):
+    """Lease and chunks are created with ifGenerationMatch=0; a takeover of a stale lease sends
+    the generation it read, and a second taker holding the same generation is refused (412)."""
+    import fsspec
+
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    out = f"gs://{BUCKET}/out/gcs-lease"
+    lease_key = "out/gcs-lease/lease.json"
+
+    def posts(key: str) -> list[str | None]:
+        got = []
+        for method, path, query in gcs_requests:
+            if method == "POST" and "/upload/" in path and (
+                    query.get("name", [None])[0] in (None, key)):
+                got.append(query.get("ifGenerationMatch", [None])[0])
+        return got
+
+    dead = _stale_lease(out, tmp_path / "dead")
+    assert posts(lease_key) == ["0"]
+    stage = tmp_path / "stage"
+    (stage / "pages").mkdir(parents=True)
+    (stage / "pages" / "part-r00000-000000.parquet").write_bytes(b"chunk")
+    del gcs_requests[:]
+    assert bucket.BucketSync(out, stage).push() == 1
+    assert posts("out/gcs-lease/pages/part-r00000-000000.parquet") == ["0"]
+
+    fs.invalidate_cache()
+    stale_gen = str(fs.info(f"{BUCKET}/{lease_key}")["generation"])
+    del gcs_requests[:]
+    taker = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "taker"), "slurm:30")
+    taker.acquire()
+    # The create (refused: the dead job's lease is there), then the takeover at its generation.
+    assert posts(lease_key) == ["0", stale_gen]
+    assert json.loads(fs.cat_file(f"{BUCKET}/{lease_key}"))["token"] == taker.holder.token
+    # A second job that read the same stale lease: its takeover is refused, nothing written.
+    late = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "late"), "slurm:31")
+    assert not late._replace(stale_gen)
+    assert json.loads(fs.cat_file(f"{BUCKET}/{lease_key}"))["token"] == taker.holder.token
+    assert not dead.renew()
+    assert taker.renew()
+    taker.release()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/{lease_key}")
