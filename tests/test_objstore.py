@@ -431,6 +431,29 @@ def test_a_renewal_after_a_takeover_does_not_overwrite_it(s3, tmp_path, monkeypa
     taker.release()
 
 
+def test_a_release_after_a_takeover_leaves_the_new_lease(s3, tmp_path, monkeypatch):
+    """The holder reads its own lease to release it, and the same job restarted elsewhere takes
+    it over before the delete: the delete is conditional on the version read, and fails."""
+    out = url("out/release")
+    mine = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "mine"), "slurm:40")
+    mine.acquire()
+    again = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "again"), "slurm:40")
+    real_read = bucket.BucketLease._read
+
+    def read_then_taken(self):
+        got = real_read(self)
+        if self is mine:
+            again.acquire()  # the same job id: taken over at once
+        return got
+
+    monkeypatch.setattr(bucket.BucketLease, "_read", read_then_taken)
+    mine.release()
+    monkeypatch.setattr(bucket.BucketLease, "_read", real_read)
+    assert json.loads(s3.cat_file(f"{BUCKET}/out/release/lease.json"))["token"] == again.holder.token
+    again.release()
+    assert not s3.exists(f"{BUCKET}/out/release/lease.json")
+
+
 def test_push_creates_chunks_once_and_never_overwrites_another_writers(s3, tmp_path, caplog):
     stage = tmp_path / "stage"
     (stage / "pages").mkdir(parents=True)
@@ -603,6 +626,11 @@ def test_gcs_writes_carry_their_generation_preconditions(gcs_requests, tmp_path)
     assert json.loads(fs.cat_file(f"{BUCKET}/{lease_key}"))["token"] == taker.holder.token
     assert not dead.renew()
     assert taker.renew()
+    fs.invalidate_cache()
+    held_gen = str(fs.info(f"{BUCKET}/{lease_key}")["generation"])
+    del gcs_requests[:]
     taker.release()
     fs.invalidate_cache()
     assert not fs.exists(f"{BUCKET}/{lease_key}")
+    deletes = [q.get("ifGenerationMatch", [None])[0] for m, p, q in gcs_requests if m == "DELETE"]
+    assert deletes == [held_gen]

@@ -24,8 +24,8 @@ commit and the push loses that chunk with its node, and its pages are simply don
 
 The bucket lease (``lease.json`` under the prefix) is created with the same precondition, renewed
 by rank 0 every `lease.HEARTBEAT_S`, and taken over when it names the same job or its heartbeat is
-older than `lease.STALE_AFTER_S`. Every replacement of the lease object (a takeover, a renewal) is
-conditional on the version that was read: S3 ``If-Match: <ETag>``, GCS
+older than `lease.STALE_AFTER_S`. Every replacement or removal of the lease object (a takeover, a
+renewal, the release) is conditional on the version that was read: S3 ``If-Match: <ETag>``, GCS
 ``ifGenerationMatch=<generation>``. Two jobs that find the same stale lease both try to replace
 that version; the store accepts one write and answers the other with 412, so exactly one takes
 over and the other re-reads, finds a live lease and is refused. A renewal whose condition fails
@@ -397,14 +397,34 @@ class BucketLease:
         self._thread = threading.Thread(target=beat, name="bucket-lease", daemon=True)
         self._thread.start()
 
+    def _remove(self, version: str | None) -> bool:
+        """Delete the lease object only if it is still at `version` (False when it was replaced)."""
+        try:
+            if self.protocol in ("gs", "gcs") and version:
+                bucket, key, _ = self.fs.split_path(self.path)
+                self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+            elif self.protocol in ("s3", "s3a") and version:
+                bucket, key, _ = self.fs.split_path(self.path)
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            else:
+                self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path)
+        return True
+
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours."""
+        """Stop the heartbeat and delete the lease if it is still ours (at the version read, so a
+        lease another job took over in between stays)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        current, _ = self._read()
-        if current is not None and current.token == self.holder.token:
-            try:
-                self.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+        current, version = self._read()
+        if current is not None and current.token == self.holder.token and not self._remove(version):
+            log.warning("the lease of %s was taken over while this job released it: left to its "
+                        "new holder", self.url)
