@@ -48,7 +48,7 @@ if op == "mkbucket":
         try:
             fs.mkdir(args[0])
             break
-        except OSError:  # the server is still starting
+        except Exception:  # noqa: BLE001 - the server is still starting (refused, reset)
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
