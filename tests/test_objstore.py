@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from nougat_dist.inputs import remote as download
 from nougat_dist.inputs.remote import Downloader, DownloadError
 from nougat_dist.inputs.sources import InputError, Source, discover, read_bytes
 from nougat_dist.store import bucket
+from nougat_dist.store.lease import LeaseHeld
 from nougat_dist.store.manifest import inspect
 
 BUCKET = "papers-bucket"
@@ -340,6 +342,118 @@ def test_a_second_job_on_the_same_prefix_is_refused(s3, local_run, tmp_path):
     assert not s3.exists(f"{BUCKET}/out/shared/lease.json")
 
 
+def _stale_lease(out: str, stage: Path) -> bucket.BucketLease:
+    """A lease left by a job that died elsewhere an hour ago."""
+    dead = bucket.BucketLease(bucket.BucketSync(out, stage), "slurm:1")
+    dead.holder.host = "a-node-that-died"
+    dead.holder.heartbeat -= 3600
+    dead.acquire()
+    return dead
+
+
+def test_two_jobs_taking_over_one_stale_lease_exactly_one_wins(s3, tmp_path, monkeypatch):
+    """Both takers read the stale lease before either writes (the interleaving in which a
+    read-then-write takeover lets both start); the takeover is conditional on the version they
+    read, so the store accepts one write, and the other taker re-reads and is refused."""
+    out = url("out/stale")
+    dead = _stale_lease(out, tmp_path / "dead")
+    takers = [bucket.BucketLease(bucket.BucketSync(out, tmp_path / f"t{i}"), f"slurm:{10 + i}")
+              for i in range(2)]
+    both_read = threading.Barrier(2, timeout=30)
+    real_read = bucket.BucketLease._read
+
+    def read_then_wait(self):
+        holder, version = real_read(self)
+        if self in takers and holder is not None and holder.token == dead.holder.token:
+            both_read.wait()
+        return holder, version
+
+    monkeypatch.setattr(bucket.BucketLease, "_read", read_then_wait)
+    sent: list[dict] = []
+    real_replace = bucket.BucketLease._replace
+
+    def record(self, version):
+        sent.append({"taker": takers.index(self), "version": version})
+        return real_replace(self, version)
+
+    monkeypatch.setattr(bucket.BucketLease, "_replace", record)
+    outcome: dict[int, str] = {}
+
+    def take(i: int) -> None:
+        try:
+            takers[i].acquire()
+            outcome[i] = "won"
+        except LeaseHeld as e:
+            outcome[i] = str(e)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcome) == [0, 1] and list(outcome.values()).count("won") == 1, outcome
+    winner = next(i for i, o in outcome.items() if o == "won")
+    loser = 1 - winner
+    # Both sent a conditional takeover on the stale lease's ETag; only one was accepted.
+    etag = s3.info(f"{BUCKET}/out/stale/lease.json")["ETag"]
+    assert len(sent) == 2 and sent[0]["version"] == sent[1]["version"] != etag, sent
+    assert f"slurm:{10 + winner}" in outcome[loser] and "being written by another job" in outcome[loser]
+    held = json.loads(s3.cat_file(f"{BUCKET}/out/stale/lease.json"))
+    assert held["token"] == takers[winner].holder.token
+    # The dead job, back to life, finds out at its next renewal and writes nothing over it.
+    monkeypatch.setattr(bucket.BucketLease, "_replace", real_replace)
+    assert not dead.renew()
+    assert takers[winner].renew()
+    assert json.loads(s3.cat_file(f"{BUCKET}/out/stale/lease.json"))["token"] == takers[winner].holder.token
+    takers[winner].release()
+    assert not s3.exists(f"{BUCKET}/out/stale/lease.json")
+
+
+def test_a_renewal_after_a_takeover_does_not_overwrite_it(s3, tmp_path, monkeypatch):
+    """The holder reads its own lease, another job takes it over before the holder writes the
+    new heartbeat: the heartbeat's write is conditional, fails, and the holder stops."""
+    out = url("out/renew")
+    slow = _stale_lease(out, tmp_path / "slow")
+    taker = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "taker"), "slurm:20")
+    real_read = bucket.BucketLease._read
+    calls = []
+
+    def read_then_lose(self):
+        got = real_read(self)
+        if self is slow and not calls:
+            calls.append(1)
+            taker.acquire()  # between the holder's read and its write
+        return got
+
+    monkeypatch.setattr(bucket.BucketLease, "_read", read_then_lose)
+    assert not slow.renew()
+    assert calls and json.loads(s3.cat_file(f"{BUCKET}/out/renew/lease.json"))["token"] == taker.holder.token
+    taker.release()
+
+
+def test_a_release_after_a_takeover_leaves_the_new_lease(s3, tmp_path, monkeypatch):
+    """The holder reads its own lease to release it, and the same job restarted elsewhere takes
+    it over before the delete: the delete is conditional on the version read, and fails."""
+    out = url("out/release")
+    mine = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "mine"), "slurm:40")
+    mine.acquire()
+    again = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "again"), "slurm:40")
+    real_read = bucket.BucketLease._read
+
+    def read_then_taken(self):
+        got = real_read(self)
+        if self is mine:
+            again.acquire()  # the same job id: taken over at once
+        return got
+
+    monkeypatch.setattr(bucket.BucketLease, "_read", read_then_taken)
+    mine.release()
+    monkeypatch.setattr(bucket.BucketLease, "_read", real_read)
+    assert json.loads(s3.cat_file(f"{BUCKET}/out/release/lease.json"))["token"] == again.holder.token
+    again.release()
+    assert not s3.exists(f"{BUCKET}/out/release/lease.json")
+
+
 def test_push_creates_chunks_once_and_never_overwrites_another_writers(s3, tmp_path, caplog):
     stage = tmp_path / "stage"
     (stage / "pages").mkdir(parents=True)
@@ -377,7 +491,7 @@ def gcs_endpoint():
     """A GCS emulator (the JSON API gcsfs speaks) on a free loopback port, in memory.
 
     It does not implement ifGenerationMatch, so a create-if-absent write overwrites there: the
-    precondition and lease tests run against the S3 server only."""
+    job tests here do not rely on it; `gcs_requests` records what is sent and enforces it."""
     import gcsfs  # noqa: F401 - pinned in requirements-dev.txt
     from gcp_storage_emulator.server import create_server
 
@@ -417,3 +531,106 @@ def test_gcs_inputs_and_output_through_gcsfs(gcs_endpoint, corpus, local_run, tm
     assert rows(tmp_path / "got") == local_run[1]
     assert json.loads((tmp_path / "got" / "stats.json").read_text())["complete"]
     assert not (tmp_path / "got" / "lease.json").exists()
+
+
+class _ConditionNotMet(Exception):
+    pass
+
+
+@pytest.fixture
+def gcs_requests(gcs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict]]:
+    """Every request the GCS emulator receives, as (method, path, query).
+
+    The emulator keeps generations but ignores ifGenerationMatch; this fixture enforces it where
+    objects are stored (the emulator serves one request at a time, so the check and the write
+    are one step, as on GCS) and answers 412 as GCS does. What is proven with it is that the
+    client sends the precondition and handles the refusal; that GCS enforces it is GCS's
+    documented behaviour, not something this emulator can show."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from gcp_storage_emulator import server as emu
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.storage import Storage
+
+    seen: list[tuple[str, str, dict]] = []
+    real_handle, real_create = emu.Router.handle, Storage.create_file
+
+    def handle(self, method):
+        u = urlsplit(self._request_handler.path)
+        seen.append((method, u.path, parse_qs(u.query)))
+        try:
+            return real_handle(self, method)
+        except _ConditionNotMet:
+            rh = self._request_handler
+            body = b'{"error": {"code": 412, "message": "conditionNotMet"}}'
+            rh.send_response(412)
+            rh.send_header("Content-Type", "application/json")
+            rh.send_header("Content-Length", str(len(body)))
+            rh.end_headers()
+            rh.wfile.write(body)
+
+    def create_file(self, bucket_name, file_name, content, file_obj, file_id=None):
+        want = seen[-1][2].get("ifGenerationMatch", [None])[0]
+        if want is not None:
+            try:
+                have = str(self.get_file_obj(bucket_name, file_name)["generation"])
+            except NotFound:
+                have = "0"
+            if have != want:
+                raise _ConditionNotMet(f"{file_name}: generation {have}, wanted {want}")
+        return real_create(self, bucket_name, file_name, content, file_obj, file_id)
+
+    monkeypatch.setattr(emu.Router, "handle", handle)
+    monkeypatch.setattr(Storage, "create_file", create_file)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
+    return seen
+
+
+def test_gcs_writes_carry_their_generation_preconditions(gcs_requests, tmp_path):
+    """Lease and chunks are created with ifGenerationMatch=0; a takeover of a stale lease sends
+    the generation it read, and a second taker holding the same generation is refused (412)."""
+    import fsspec
+
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    out = f"gs://{BUCKET}/out/gcs-lease"
+    lease_key = "out/gcs-lease/lease.json"
+
+    def posts(key: str) -> list[str | None]:
+        got = []
+        for method, path, query in gcs_requests:
+            if method == "POST" and "/upload/" in path and (
+                    query.get("name", [None])[0] in (None, key)):
+                got.append(query.get("ifGenerationMatch", [None])[0])
+        return got
+
+    dead = _stale_lease(out, tmp_path / "dead")
+    assert posts(lease_key) == ["0"]
+    stage = tmp_path / "stage"
+    (stage / "pages").mkdir(parents=True)
+    (stage / "pages" / "part-r00000-000000.parquet").write_bytes(b"chunk")
+    del gcs_requests[:]
+    assert bucket.BucketSync(out, stage).push() == 1
+    assert posts("out/gcs-lease/pages/part-r00000-000000.parquet") == ["0"]
+
+    fs.invalidate_cache()
+    stale_gen = str(fs.info(f"{BUCKET}/{lease_key}")["generation"])
+    del gcs_requests[:]
+    taker = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "taker"), "slurm:30")
+    taker.acquire()
+    # The create (refused: the dead job's lease is there), then the takeover at its generation.
+    assert posts(lease_key) == ["0", stale_gen]
+    assert json.loads(fs.cat_file(f"{BUCKET}/{lease_key}"))["token"] == taker.holder.token
+    # A second job that read the same stale lease: its takeover is refused, nothing written.
+    late = bucket.BucketLease(bucket.BucketSync(out, tmp_path / "late"), "slurm:31")
+    assert not late._replace(stale_gen)
+    assert json.loads(fs.cat_file(f"{BUCKET}/{lease_key}"))["token"] == taker.holder.token
+    assert not dead.renew()
+    assert taker.renew()
+    fs.invalidate_cache()
+    held_gen = str(fs.info(f"{BUCKET}/{lease_key}")["generation"])
+    del gcs_requests[:]
+    taker.release()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/{lease_key}")
+    deletes = [q.get("ifGenerationMatch", [None])[0] for m, p, q in gcs_requests if m == "DELETE"]
+    assert deletes == [held_gen]
