@@ -80,7 +80,9 @@ class CleanReport:
         for name in ("pages_in", "pages_kept", "documents_in", "documents_kept"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("dropped_pages", "dropped_documents", "removed"):
-            total = Counter(getattr(self, name)) + Counter(getattr(other, name))
+            total = dict(getattr(self, name))
+            for k, v in getattr(other, name).items():  # zeros kept, as one run reports them
+                total[k] = total.get(k, 0) + v
             setattr(self, name, dict(sorted(total.items())))
         self.options = other.options or self.options
 
@@ -116,7 +118,8 @@ _PAGES_SQL = "SELECT doc_id, page, status, text FROM read_parquet($pages)"
 # finalize keeps it (chunk order, then row order).
 _FIRST_PAGES_SQL = """
 SELECT doc_id, page, status, text
-FROM read_parquet($pages, filename = true, file_row_number = true) SEMI JOIN cdocs USING (doc_id)
+FROM read_parquet($pages, filename = true, file_row_number = true)
+WHERE doc_id IN (SELECT doc_id FROM cdocs)
 QUALIFY row_number() OVER (PARTITION BY doc_id, page ORDER BY filename, file_row_number) = 1
 """
 

@@ -30,7 +30,8 @@ from nougat_dist.store.finalize import status_counts
 from nougat_dist.store.index import chunk_paths, committed_models
 from nougat_dist.store.layout import CLEAN_REPORT_FILE, DOCUMENTS_DIR
 from nougat_dist.store.shards import shard_glob
-from nougat_dist.stages.postprocess import CHUNKS_DIR, CHUNKS_SCHEMA, CLEAN_DIR, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
+from nougat_dist.stages.text import CHUNKS_SCHEMA, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
+from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_DIR, PAGES_SCHEMA, TMP_PREFIX
 from nougat_dist.store.index import add_allow_partial, require_finished
 
@@ -97,11 +98,12 @@ def _schema_table(schema: pa.Schema) -> str:
     return "\n".join(lines)
 
 
-def dataset_card(out_dir: Path, repo_id: str) -> str:
+def dataset_card(out_dir: Path, repo_id: str, only: Sequence[str] | None = None) -> str:
     """The README.md for the dataset repo: YAML configs for the Parquet files present, stats,
-    schemas and how the data was made. Depends only on the files, so it is reproducible."""
+    schemas and how the data was made. Depends only on the files, so it is reproducible.
+    `only`: the configs to list (while a job publishes increments, the ones it has sent)."""
     present = [(cfg, sorted(p for p in out_dir.glob(cfg.pattern) if not p.name.startswith(TMP_PREFIX)))
-               for cfg in CONFIGS]
+               for cfg in CONFIGS if only is None or cfg.name in only]
     present = [(cfg, paths) for cfg, paths in present if paths]
     from huggingface_hub import DatasetCard, DatasetCardData
 
