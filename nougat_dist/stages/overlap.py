@@ -140,8 +140,8 @@ def _documents(out: Path, complete: bool) -> pa.Table:
         pq.write_table(PAGES_SCHEMA.empty_table(), pages[0])
     con = connect(scratch, 256 * 2**20)
     try:
-        return con.execute(_DOCS_SQL, {"manifest": str(OutputDir(out).manifest), "pages": pages,
-                                       "complete": complete}).to_arrow_table().cast(_INC_SCHEMA)
+        params = {"manifest": str(OutputDir(out).manifest), "pages": pages, "complete": complete}
+        return con.sql(_DOCS_SQL, params=params).to_arrow_table().cast(_INC_SCHEMA)
     finally:
         con.close()
         clear_scratch(out, "post")
@@ -306,10 +306,11 @@ class Background:
         if cfg.repo:
             cmd += ["--repo", cfg.repo]
         log_file = open(OutputDir(cfg.out).logs / "post.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # a log file, not a terminal
+        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=_die_with_parent)
         log_file.close()
-        log.info("post stages run beside OCR (pid %d, every %.0f s; log %s)", self.proc.pid,
+        log.info("post stages run beside OCR (pid %d, every %.1f s; log %s)", self.proc.pid,
                  cfg.every_s, OutputDir(cfg.out).logs / "post.log")
 
     def stop(self) -> None:
