@@ -103,7 +103,8 @@ class Ledger:
     """OUTPUT/post/: which documents each increment holds, and which stages finished it."""
 
     def __init__(self, out: Path) -> None:
-        self.dir = OutputDir(out).post
+        self.layout = OutputDir(out)
+        self.dir = self.layout.post
 
     def increments(self) -> list[int]:
         if not self.dir.is_dir():
@@ -111,18 +112,18 @@ class Ledger:
         return sorted(int(p.name[4:9]) for p in self.dir.glob("inc-[0-9]*.parquet"))
 
     def docs_path(self, n: int) -> Path:
-        return self.dir / f"inc-{n:05d}.parquet"
+        return self.layout.post_file("inc", n, ".parquet")
 
     def state_path(self, n: int) -> Path:
-        return self.dir / f"clean-{n:05d}.state.parquet"
+        return self.layout.post_file("clean-state", n, ".parquet")
 
     def record(self, stage: str, n: int) -> dict | None:
-        path = self.dir / f"{stage}-{n:05d}.json"
+        path = self.layout.post_file(stage, n)
         return json.loads(path.read_text()) if path.is_file() else None
 
     def mark(self, stage: str, n: int, record: dict) -> None:
         atomic_write_text(json.dumps(record, indent=1, sort_keys=True) + "\n",
-                          self.dir / f"{stage}-{n:05d}.json")
+                          self.layout.post_file(stage, n))
 
     def published_ids(self) -> set[str]:
         ids: set[str] = set()
@@ -286,13 +287,17 @@ def _loop(cfg: PostConfig) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    # The job's rank 0 may be SIGKILLed: this process must not outlive it and write on its own.
+def _die_with_parent(parent: int) -> None:
+    """The job's rank 0 may be SIGKILLed: this process must not outlive it and write on its own.
+    Set here, not in a preexec_fn (rank 0 has threads, and a fork runs no Python safely then);
+    the parent check covers a parent that died before the prctl."""
     PR_SET_PDEATHSIG = 1
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        raise SystemExit(0)
     os.nice(10)  # OCR first: the post stages take what the ranks leave of the CPU
 
 
@@ -302,16 +307,16 @@ class Background:
     def __init__(self, cfg: PostConfig) -> None:
         cmd = [sys.executable, "-m", "nougat_dist.stages.overlap", str(cfg.out),
                "--post", ",".join(cfg.stages), "--every", str(cfg.every_s),
-               "--memory-budget", str(cfg.memory_budget)]
+               "--memory-budget", str(cfg.memory_budget), "--parent", str(os.getpid())]
         if cfg.repo:
             cmd += ["--repo", cfg.repo]
-        log_file = open(OutputDir(cfg.out).logs / "post.log", "ab")
+        path = OutputDir(cfg.out).post_log
+        path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # a log file, not a terminal
-        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent)
-        log_file.close()
+        with open(path, "ab") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         log.info("post stages run beside OCR (pid %d, every %.1f s; log %s)", self.proc.pid,
-                 cfg.every_s, OutputDir(cfg.out).logs / "post.log")
+                 cfg.every_s, path)
 
     def stop(self) -> None:
         """Ask it to end after its current step; kill it if that takes over STOP_WAIT_S (every
@@ -369,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repo", default="")
     p.add_argument("--every", type=float, default=30.0)
     p.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET)
+    p.add_argument("--parent", type=int, required=True, help="the pid of the job's rank 0")
     args = p.parse_args(argv)
+    _die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s post %(levelname)s %(message)s")
     return _loop(PostConfig(args.output, parse_stages(args.post), args.repo, args.every,
                             args.memory_budget))

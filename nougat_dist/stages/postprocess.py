@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,9 +54,6 @@ from nougat_dist.store.spill import (DEFAULT_MEMORY_BUDGET, connect, pages_per_b
                                      sorted_by_buckets)
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = CLEAN_REPORT_FILE
-
 
 @dataclass
 class CleanReport:
@@ -346,6 +344,7 @@ def clean(out_dir: Path, opts: CleanOptions = CleanOptions(),
                            memory_budget, None, ([], []))
     for old in ("pages.parquet", "documents.parquet", "dropped.parquet"):  # an older release's files
         (layout.clean / old).unlink(missing_ok=True)
+    shutil.rmtree(layout.post, ignore_errors=True)  # whole tables replaced any increments
     write_report(layout, report)
     return report
 

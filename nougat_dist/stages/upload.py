@@ -191,7 +191,29 @@ def upload(out_dir: Path, repo_id: str, *, api: Any = None, token: str | None = 
     api.upload_large_folder(repo_id=repo_id, folder_path=out_dir, repo_type="dataset",
                             private=private, allow_patterns=upload_patterns(),
                             num_workers=num_workers, print_report=False)
-    echo(f"uploaded {len(files) + 1} file(s) to datasets/{repo_id}")
+    stale = remove_stale(api, repo_id, files)
+    echo(f"uploaded {len(files) + 1} file(s) to datasets/{repo_id}"
+         + (f"; removed {len(stale)} data file(s) the output no longer has" if stale else ""))
+
+
+def remove_stale(api: Any, repo_id: str, files: Sequence[PlannedFile]) -> list[str]:
+    """Delete the repo's files under the dataset's globs that the output no longer has (one
+    commit): shards renamed by a later clean/chunk (train-00000-of-00002 after -of-00001, or
+    whole tables after increments), or chunks rewritten away. Left there, the card's globs would
+    read their rows twice."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import CommitOperationDelete
+
+    info = api.repo_info(repo_id, repo_type="dataset", revision="main")
+    local = {f.path_in_repo for f in files}
+    globs = [p for p in upload_patterns() if "*" in p]
+    stale = sorted(s.rfilename for s in (info.siblings or [])
+                   if s.rfilename not in local and any(fnmatch(s.rfilename, g) for g in globs))
+    if stale:
+        api.create_commit(repo_id, [CommitOperationDelete(path_in_repo=f) for f in stale],
+                          repo_type="dataset", commit_message="nougat-dist: remove replaced shards")
+    return stale
 
 
 def add_upload_args(parser: argparse.ArgumentParser) -> None:

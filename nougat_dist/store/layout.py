@@ -122,6 +122,16 @@ class OutputDir:
         """The ledger of the post stages run beside OCR (--overlap-post; stages/overlap.py)."""
         return self.root / POST_DIR
 
+    def post_file(self, kind: str, increment: int, suffix: str = ".json") -> Path:
+        """A ledger file of one increment: `inc` (its documents, .parquet), `clean`/`chunk`/
+        `upload` (the stage finished it), `clean-state` (.parquet: texts it kept)."""
+        return self.post / f"{kind}-{increment:05d}{suffix}"
+
+    @property
+    def post_log(self) -> Path:
+        """The log of the post stages' background process."""
+        return self.logs / "post.log"
+
     def published(self) -> list[Path]:
         """What --overlap-post published of complete documents: the ledger and the tables it
         adds increments to. A resume that only adds pages keeps them (a published document's
