@@ -196,6 +196,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.faults  # a SIGKILL trial: `make test-faults` (about a minute here)
 @pytest.mark.timeout(300)
 def test_job_killed_after_an_increment_resumes_exactly_once(corpus: Path, tmp_path: Path,
                                                             hub: Hub) -> None:
