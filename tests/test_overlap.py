@@ -172,6 +172,39 @@ def test_increments_resume_after_crashes_and_equal_clean_after_the_job(tmp_path:
     assert ("B", 2, "duplicate_page") in dropped and ("C", None, "duplicate_document") in dropped
 
 
+def _wait(what, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_background_process_killed_resumes_and_stops_on_request(tmp_path: Path, hub: Hub) -> None:
+    out = tmp_path / "out"
+    _manifest(out)
+    cfg = overlap.PostConfig(out, ("clean", "chunk", "upload"), "org/live", every_s=0.2)
+    ledger = overlap.Ledger(out)
+    _commit(out, "part-r00000-000000-0.parquet", COMMITS[0])
+    bg = overlap.Background(cfg)
+    _wait(lambda: ledger.record("upload", 0) is not None)
+    bg.proc.kill()  # SIGKILL, wherever it is
+    bg.proc.wait()
+    first = dict(hub.files)
+    assert any(f.startswith("clean/pages/train-i00000-") for f in first)
+    _commit(out, "part-r00000-000001-0.parquet", COMMITS[1])
+    bg = overlap.Background(cfg)
+    _wait(lambda: ledger.record("upload", 1) is not None)
+    bg.stop()
+    assert bg.proc.returncode == 0, "SIGTERM ends it after its step, not by the signal"
+    assert ledger.increments() == [0, 1]
+    for path in first:  # increment 0 was not published again under other names
+        assert hub.files[path] == first[path] or path == "README.md"
+    rows = [(r["doc_id"], r["page"]) for r in _hub_rows(hub, "clean/pages/")]
+    # B (complete now) in increment 1, its page 2 dropped as A's page 2; E is not complete yet
+    assert sorted(rows) == [("A", 1), ("A", 2), ("A", 3), ("B", 1)]
+
+
 def test_parse_stages() -> None:
     assert overlap.parse_stages("clean,chunk,upload") == ("clean", "chunk", "upload")
     assert overlap.parse_stages("clean") == ("clean",)
