@@ -172,6 +172,36 @@ def test_increments_resume_after_crashes_and_equal_clean_after_the_job(tmp_path:
     assert ("B", 2, "duplicate_page") in dropped and ("C", None, "duplicate_document") in dropped
 
 
+def test_duplicate_text_keeps_the_first_published_copy(tmp_path: Path, hub: Hub,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one documented difference: B = C in text, C completes first, so C's copy is kept
+    (clean after the job keeps B's, the first in manifest order); the page texts kept are the
+    same, once each."""
+    out = tmp_path / "out"
+    _manifest(out)
+    job = _Job("clean,chunk")
+    job.output = str(out)
+    cfg, ledger = overlap.from_job(job), overlap.Ledger(out)
+    _commit(out, "part-r00000-000000-0.parquet", [("C", 1), ("C", 2)])
+    overlap.step(cfg, ledger, chunk_stage.default_tokenizer())
+    rest = [k for pages in COMMITS for k in pages if k[0] != "C"]
+    _commit(out, "part-r00000-000001-0.parquet", rest)
+    finalize.finalize(out)
+    overlap.after_job(job)
+    ref = _reference(tmp_path)
+    kept = pq.read_table(OutputDir(out).clean_documents).to_pylist()
+    assert "C" in {r["doc_id"] for r in kept} and "B" not in {r["doc_id"] for r in kept}
+    ref_kept = pq.read_table(tmp_path / "ref" / "clean" / "documents").to_pylist()
+    assert "B" in {r["doc_id"] for r in ref_kept} and "C" not in {r["doc_id"] for r in ref_kept}
+    # Page by page the same texts are kept, once each; A's page 2 (= C's) is kept under C here.
+    pages = pq.read_table(OutputDir(out).clean_pages).to_pylist()
+    ref_pages = pq.read_table(tmp_path / "ref" / "clean" / "pages").to_pylist()
+    assert sorted(r["sha256"] for r in pages) == sorted(r["sha256"] for r in ref_pages)
+    assert len({r["sha256"] for r in pages}) == len(pages)
+    assert ("A", 2) not in {(r["doc_id"], r["page"]) for r in pages}
+    assert _dataset(out)["report"] == ref["report"]
+
+
 def _wait(what, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not what():

@@ -20,7 +20,8 @@ increment, so none is published twice or lost.
 Same dataset as `clean`/`chunk` after the job, with one difference: clean's dedup keeps the
 *first published* copy of a duplicated page or document text, where a clean after the job keeps
 the first in manifest order. Without text duplicates between documents the rows are the same;
-with them, the same texts are kept once each, possibly under the other document's id.
+with them, the same page texts are kept once each (the counts are equal), a shared page possibly
+under the other document's id, which changes those two documents' clean text.
 """
 
 from __future__ import annotations
