@@ -192,6 +192,7 @@ def clean_step(cfg: PostConfig, ledger: Ledger, n: int) -> None:
         return
     layout = OutputDir(cfg.out)
     _remove_increment([layout.clean_pages, layout.clean_documents, layout.clean_dropped], n)
+    ledger.state_path(n).unlink(missing_ok=True)  # an interrupted attempt's
     earlier = [m for m in ledger.increments() if m < n]
     prior = ([ledger.state_path(m) for m in earlier if ledger.state_path(m).is_file()],
              [p for m in earlier for p in increment_paths(layout.clean_pages, m)])
