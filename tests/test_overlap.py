@@ -281,7 +281,8 @@ def test_job_killed_after_an_increment_resumes_exactly_once(corpus: Path, tmp_pa
     deadline = time.monotonic() + 200
     try:
         while ledger.record("upload", 0) is None and time.monotonic() < deadline:
-            assert proc.poll() is None, f"the job ended before an increment was published: {proc.stderr.read()[-3000:]}"
+            assert proc.poll() is None, ("the job ended before an increment was published: "
+                                         + proc.stderr.read()[-3000:])
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the job and (PR_SET_PDEATHSIG) its post process

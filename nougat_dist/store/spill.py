@@ -83,8 +83,8 @@ def sorted_by_buckets(con: "duckdb.DuckDBPyConnection", rows_sql: str, params: d
 
     `rows_sql` yields a `bucket` column (buckets are ranges of consecutive documents sized to fit
     memory). Pass 1 streams the unordered rows into one Parquet file per bucket (row groups of at
-    most ~64 MiB over all buckets wait in memory); pass 2 reads one bucket at a time and sorts it in memory. A global ORDER BY in DuckDB
-    failed at 1M pages under a 409 MiB limit (its merge pinned more blocks than the limit held).
+    most ~64 MiB over all buckets wait in memory); pass 2 reads one bucket at a time and sorts it
+    in memory. A global ORDER BY in DuckDB failed at 1M pages under a 409 MiB limit (its merge pinned more blocks than the limit held).
     """
     reader = con.sql(rows_sql, params=params).to_arrow_reader(BATCH_ROWS)
     root = scratch / "buckets"
