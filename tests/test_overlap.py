@@ -63,22 +63,18 @@ COMMITS = [[("A", 1), ("A", 2), ("A", 3), ("B", 1)], [("B", 2), ("E", 1)], [("C"
            [("C", 2), ("E", 2)]]
 
 
-def _table_rows(directory: Path, keys: list[str]) -> list[tuple]:
+def _table_rows(directory: Path) -> list[str]:
+    """Every row of a sharded table (any shard naming), as sorted JSON."""
     paths = sorted(directory.glob("train-*.parquet"))
-    t = pa.concat_tables(pq.read_table(p) for p in paths) if paths else None
-    if t is None:
-        return []
-    cols = [c for c in t.column_names]
-    return sorted(tuple(json.dumps(r[c], sort_keys=True) for c in cols) for r in t.to_pylist())
+    return sorted(json.dumps(r, sort_keys=True) for p in paths for r in pq.read_table(p).to_pylist())
 
 
 def _dataset(out: Path) -> dict:
     layout = OutputDir(out)
-    return {"clean_pages": _table_rows(layout.clean_pages, []),
-            "clean_documents": _table_rows(layout.clean_documents, []),
-            "dropped": _table_rows(layout.clean_dropped, []),
-            "chunks": _table_rows(layout.chunks, []),
-            "report": {k: v for k, v in json.loads(layout.clean_report.read_text()).items()}}
+    return {"clean_pages": _table_rows(layout.clean_pages),
+            "clean_documents": _table_rows(layout.clean_documents),
+            "dropped": _table_rows(layout.clean_dropped), "chunks": _table_rows(layout.chunks),
+            "report": json.loads(layout.clean_report.read_text())}
 
 
 def _reference(tmp_path: Path) -> dict:
