@@ -47,6 +47,10 @@ class Config:
     finalize_memory: int = 1024 * 2**20  # = store.finalize.DEFAULT_MEMORY_BUDGET
     log_level: str = "INFO"
     test_fake_model: str | None = None
+    post: str = ""
+    post_repo: str = ""
+    overlap_post: bool = False
+    post_every: float = 30.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
@@ -74,6 +78,20 @@ class Config:
             raise ConfigError("--max-member-bytes and --max-page-pixels must be >= 1")
         if self.finalize_memory < 64 * 2**20:
             raise ConfigError(f"--finalize-memory must be >= 64 MiB (67108864), got {self.finalize_memory}")
+        stages: tuple[str, ...] = ()
+        if self.post:
+            from nougat_dist.stages.overlap import parse_stages
+
+            try:
+                stages = parse_stages(self.post)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if "upload" in stages and not self.post_repo:
+            raise ConfigError("--post ...,upload needs --post-repo ORG/NAME (the Hub dataset repo)")
+        if self.overlap_post and not stages:
+            raise ConfigError("--overlap-post runs the --post stages beside OCR: give --post too")
+        if self.post_every <= 0:
+            raise ConfigError(f"--post-every must be > 0 seconds, got {self.post_every}")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -144,6 +162,17 @@ FIELD_HELP: dict[str, str] = {
     "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
     "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",
     "test_fake_model": argparse.SUPPRESS,  # testing only: see runner.FakeModel
+    "post": "Post stages rank 0 runs when the job is complete, comma-separated and in this order: "
+    "clean, chunk, upload (as `nougat-dist clean|chunk|upload OUTPUT` with their defaults). "
+    "Empty: none.",
+    "post_repo": "The Hub dataset repo --post upload sends to (e.g. my-org/papers-ocr; created if "
+    "missing; the token from HF_TOKEN or a saved login).",
+    "overlap_post": "Run the --post stages while OCR runs: every --post-every seconds the "
+    "documents whose pages are all committed are cleaned, chunked and uploaded as one increment "
+    "(one Hub commit), so the dataset reaches the Hub as documents complete; the end of the job "
+    "publishes the rest. A background process of rank 0 at low priority; a crash or a stop "
+    "resumes each stage where it was.",
+    "post_every": "Seconds between two increments of --overlap-post.",
 }
 
 _NEGATED = {"markdown": "--no-markdown", "skipping": "--no-skipping", "steal": "--no-steal"}

@@ -28,6 +28,7 @@ from nougat_dist.ocr.render import (POLL_S, Batch, EncoderInput, LiveBatchSample
                                     death_reason, discard_workers, is_poll_timeout, iterate,
                                     make_loader, pin_thread_alive, shm_free, shm_needed)
 from nougat_dist.sched.queue import ClaimQueue
+from nougat_dist.stages import overlap
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, plan_steals,
                                      stop_requested)
@@ -355,6 +356,9 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
             stack.callback(bar.close)
         stop.install()
         stack.callback(stop.uninstall)
+        post = overlap.start(cfg, info.is_main)  # --overlap-post: stopped before finalize
+        if post is not None:
+            stack.callback(post.stop)
         worker = Worker(cfg, plan, rank=info.rank, world_size=info.world_size, load=load,
                         rounds=StatusRounds(info.world_size, info.control_group, info.comm_device),
                         writer=writer, stop=stop, encoder_input=EncoderInput(input_size, align),
@@ -483,6 +487,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
            f"({run['pages_this_run']} this run, {plan.committed_pages} resumed) in "
            f"{run['wall_s']:.1f}s → {out}")
     log.info(msg)
+    overlap.after_job(cfg)  # --post: the last increment, or the stages over the whole output
     # Which inputs need a look, by name: failed pages, unreadable inputs, duplicates.
     for line in store_report.build(out).lines(out):
         log.warning(line)

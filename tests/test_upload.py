@@ -160,6 +160,8 @@ class Hub:
                                 hub.files[v["path"]] = base64.b64decode(v["content"])
                             elif ln["key"] == "lfsFile":
                                 hub.files[v["path"]] = hub.lfs[v["oid"]]
+                            elif ln["key"] == "deletedFile":
+                                hub.files.pop(v["path"], None)
                             else:
                                 continue
                             paths.append(v["path"])
@@ -254,6 +256,19 @@ def test_upload_killed_half_way_resumes_without_resending(out_dir: Path, hub: Hu
     assert len(hub.lfs_puts) == puts, "a file already sent was sent again"
     resumed = [p for c in hub.commits[1:] for p in c]
     assert not first & set(resumed), "a file committed before the kill was committed again"
+
+
+@pytest.mark.timeout(120)
+def test_shards_renamed_by_a_later_run_leave_no_stale_copy(out_dir: Path, hub: Hub) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token="hf_test")
+    up.upload(out_dir, "org/papers", api=api, num_workers=2, echo=lambda s: None)
+    assert "chunks/train-00001-of-00002.parquet" in hub.files
+    pp.chunk(out_dir, pp.ChunkOptions(max_tokens=30, overlap=5, rows_per_file=100))  # 1 shard now
+    up.upload(out_dir, "org/papers", api=api, num_workers=2, echo=lambda s: None)
+    assert sorted(f for f in hub.files if f.startswith("chunks/")) == ["chunks/train-00000-of-00001.parquet"]
+    assert set(hub.files) == set(_expected_repo(out_dir))
 
 
 def test_upload_needs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

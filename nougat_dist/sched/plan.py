@@ -273,7 +273,8 @@ def _decide_on_rank0(cfg: Config, out: Path, start: _Start, parts: list[Any], wo
         plan.input_changes = ch.summary() if ch.rewrite or ch.changed else "inputs unchanged"
     plan.replaced_pages = replaced
     if not plan_only and (len(plan.todo) or moved):
-        checkpoint.invalidate_derived(out)
+        # Pages only added (a resume, new inputs): increments already published stay valid.
+        checkpoint.invalidate_derived(out, keep_published=not moved)
     return plan
 
 

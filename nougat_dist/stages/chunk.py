@@ -1,7 +1,7 @@
 """The chunk stage: cut a cleaned output's pages into token-aware chunks.
 
-chunk reads clean/pages/ one document at a time and writes chunks/train-00000-of-0000N.parquet,
-... . Each document's
+chunk reads clean/pages/ one document at a time and writes chunks/train-00000-of-0000N.parquet
+shards (or, while the job runs with --overlap-post, one increment at a time). Each document's
 cleaned pages are joined with a blank line and tokenized once; a chunk holds at most `max_tokens`
 tokens and ends before the last markdown heading in its last three quarters, else at the best
 break point in its second half: a paragraph start, then a line start, else any token. The next
@@ -17,8 +17,6 @@ tokenizer.json (e.g. the Nougat checkpoint's).
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import argparse
 import bisect
 import logging
@@ -27,9 +25,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from nougat_dist.stages.postprocess import (CHUNKS_SCHEMA, PAGE_SEPARATOR, _add_option_flags,
-                                            _columns)
+from nougat_dist.stages.options import add_option_flags, columns as _columns
+from nougat_dist.stages.text import CHUNKS_SCHEMA, PAGE_SEPARATOR
 from nougat_dist.store.index import add_allow_partial, require_finished
 from nougat_dist.store.layout import CHUNKS_DIR, OutputDir
 from nougat_dist.store.shards import (ShardWriter, clear_scratch, group_starts, iter_batches,
@@ -169,6 +168,32 @@ def chunk_document(doc_id: str, source: str, member: str | None, pages: Sequence
     return rows
 
 
+def _chunk_into(writer: ShardWriter, batches: Iterator[pa.RecordBatch], tokenizer,
+                opts: ChunkOptions) -> dict:
+    """Chunk a stream of clean pages (documents contiguous, as clean writes them) into writer."""
+    n_docs = n_chunks = n_tokens = 0
+    rows: list[dict] = []
+    for table in whole_groups(_with_doc_ord(batches), "ord"):
+        doc_ids, sources, members, pages, texts = _columns(
+            table, ["doc_id", "source", "member", "page", "text"])
+        starts = group_starts(table, "ord")
+        for a, b in zip(starts, [*starts[1:], len(doc_ids)]):
+            got = sorted(zip(pages[a:b], texts[a:b]), key=lambda r: r[0])
+            made = chunk_document(doc_ids[a], sources[a], members[a], got, tokenizer, opts)
+            n_docs += 1
+            n_chunks += len(made)
+            n_tokens += sum(c["n_tokens"] for c in made)
+            rows += made
+        if len(rows) >= 4096:
+            writer.write(pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA))
+            rows = []
+    writer.write(pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA))
+    return {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens}
+
+
+_COLUMNS = ["doc_id", "source", "member", "page", "text"]
+
+
 def chunk(out_dir: Path, opts: ChunkOptions = ChunkOptions(), tokenizer_path: str | None = None) -> dict:
     """Run the chunk stage on a cleaned output dir; write chunks/ and return counts.
 
@@ -180,31 +205,35 @@ def chunk(out_dir: Path, opts: ChunkOptions = ChunkOptions(), tokenizer_path: st
         raise FileNotFoundError(f"{layout.clean_pages} not found: run `nougat-dist clean {out_dir}` first")
     tokenizer = load_tokenizer(tokenizer_path)
     scratch = scratch_dir(out_dir, "chunk")
-    n_docs = n_chunks = n_tokens = 0
-    rows: list[dict] = []
     try:
         with ShardWriter(layout.chunks, CHUNKS_SCHEMA, scratch, max_shard_rows=opts.rows_per_file) as writer:
-            batches = iter_batches(layout.clean_pages, ["doc_id", "source", "member", "page", "text"])
-            for table in whole_groups(_with_doc_ord(batches), "ord"):
-                doc_ids, sources, members, pages, texts = _columns(
-                    table, ["doc_id", "source", "member", "page", "text"])
-                starts = group_starts(table, "ord")
-                for a, b in zip(starts, [*starts[1:], len(doc_ids)]):
-                    got = sorted(zip(pages[a:b], texts[a:b]), key=lambda r: r[0])
-                    made = chunk_document(doc_ids[a], sources[a], members[a], got, tokenizer, opts)
-                    n_docs += 1
-                    n_chunks += len(made)
-                    n_tokens += sum(c["n_tokens"] for c in made)
-                    rows += made
-                if len(rows) >= 4096:
-                    writer.write(pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA))
-                    rows = []
-            writer.write(pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA))
+            stats = _chunk_into(writer, iter_batches(layout.clean_pages, _COLUMNS), tokenizer, opts)
         n_files = len(shard_paths(layout.chunks))
     finally:
         clear_scratch(out_dir, "chunk")
-    return {"documents": n_docs, "chunks": n_chunks, "files": n_files, "tokens": n_tokens,
+    return {**stats, "files": n_files,
             "tokenizer": str(tokenizer_path) if tokenizer_path else "default (words/punctuation/digits)"}
+
+
+def chunk_increment(out_dir: Path, increment: int, clean_pages: Sequence[Path],
+                    opts: ChunkOptions = ChunkOptions(), tokenizer: object = None) -> dict:
+    """Chunk one increment's clean/pages/ shards into `train-iNNNNN-*` shards of chunks/."""
+    out_dir = Path(out_dir)
+    stage = f"chunk-{increment}"
+    scratch = scratch_dir(out_dir, stage)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for path in clean_pages:
+            with pq.ParquetFile(path) as f:
+                yield from f.iter_batches(batch_size=4096, columns=_COLUMNS)
+
+    try:
+        with ShardWriter(OutputDir(out_dir).chunks, CHUNKS_SCHEMA, scratch,
+                         max_shard_rows=opts.rows_per_file, increment=increment) as writer:
+            stats = _chunk_into(writer, batches(), tokenizer or default_tokenizer(), opts)
+    finally:
+        clear_scratch(out_dir, stage)
+    return stats
 
 
 def _with_doc_ord(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -231,7 +260,7 @@ def add_chunk_args(parser: argparse.ArgumentParser) -> None:
                         help="a tokenizer.json (or a dir holding one, e.g. the Nougat checkpoint) to "
                              "count tokens with; default: a built-in word/punctuation/digit "
                              "tokenizer that needs no download")
-    _add_option_flags(parser, ChunkOptions)
+    add_option_flags(parser, ChunkOptions)
     add_allow_partial(parser)
 
 

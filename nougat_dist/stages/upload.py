@@ -30,7 +30,8 @@ from nougat_dist.store.finalize import status_counts
 from nougat_dist.store.index import chunk_paths, committed_models
 from nougat_dist.store.layout import CLEAN_REPORT_FILE, DOCUMENTS_DIR
 from nougat_dist.store.shards import shard_glob
-from nougat_dist.stages.postprocess import CHUNKS_DIR, CHUNKS_SCHEMA, CLEAN_DIR, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
+from nougat_dist.stages.text import CHUNKS_SCHEMA, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
+from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_DIR, PAGES_SCHEMA, TMP_PREFIX
 from nougat_dist.store.index import add_allow_partial, require_finished
 
@@ -97,11 +98,12 @@ def _schema_table(schema: pa.Schema) -> str:
     return "\n".join(lines)
 
 
-def dataset_card(out_dir: Path, repo_id: str) -> str:
+def dataset_card(out_dir: Path, repo_id: str, only: Sequence[str] | None = None) -> str:
     """The README.md for the dataset repo: YAML configs for the Parquet files present, stats,
-    schemas and how the data was made. Depends only on the files, so it is reproducible."""
+    schemas and how the data was made. Depends only on the files, so it is reproducible.
+    `only`: the configs to list (while a job publishes increments, the ones it has sent)."""
     present = [(cfg, sorted(p for p in out_dir.glob(cfg.pattern) if not p.name.startswith(TMP_PREFIX)))
-               for cfg in CONFIGS]
+               for cfg in CONFIGS if only is None or cfg.name in only]
     present = [(cfg, paths) for cfg, paths in present if paths]
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -189,7 +191,29 @@ def upload(out_dir: Path, repo_id: str, *, api: Any = None, token: str | None = 
     api.upload_large_folder(repo_id=repo_id, folder_path=out_dir, repo_type="dataset",
                             private=private, allow_patterns=upload_patterns(),
                             num_workers=num_workers, print_report=False)
-    echo(f"uploaded {len(files) + 1} file(s) to datasets/{repo_id}")
+    stale = remove_stale(api, repo_id, files)
+    echo(f"uploaded {len(files) + 1} file(s) to datasets/{repo_id}"
+         + (f"; removed {len(stale)} data file(s) the output no longer has" if stale else ""))
+
+
+def remove_stale(api: Any, repo_id: str, files: Sequence[PlannedFile]) -> list[str]:
+    """Delete the repo's files under the dataset's globs that the output no longer has (one
+    commit): shards renamed by a later clean/chunk (train-00000-of-00002 after -of-00001, or
+    whole tables after increments), or chunks rewritten away. Left there, the card's globs would
+    read their rows twice."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import CommitOperationDelete
+
+    info = api.repo_info(repo_id, repo_type="dataset", revision="main")
+    local = {f.path_in_repo for f in files}
+    globs = [p for p in upload_patterns() if "*" in p]
+    stale = sorted(s.rfilename for s in (info.siblings or [])
+                   if s.rfilename not in local and any(fnmatch(s.rfilename, g) for g in globs))
+    if stale:
+        api.create_commit(repo_id, [CommitOperationDelete(path_in_repo=f) for f in stale],
+                          repo_type="dataset", commit_message="nougat-dist: remove replaced shards")
+    return stale
 
 
 def add_upload_args(parser: argparse.ArgumentParser) -> None:

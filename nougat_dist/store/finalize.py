@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +32,10 @@ from nougat_dist.store.index import chunk_paths
 from nougat_dist.store.manifest import DocEntry, parse_unit_key
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, atomic_write_table, chunk_units
 from nougat_dist.store.shards import ShardWriter, clear_scratch, num_rows, scratch_dir, whole_groups
+from nougat_dist.store.counts import (decode_efficiency, read_pages, status_counts,  # noqa: F401
+                                      text_bytes)
+from nougat_dist.store.spill import (BATCH_ROWS, DEFAULT_MEMORY_BUDGET, connect,  # noqa: F401
+                                     pages_per_bucket, parse_size, sorted_by_buckets)
 
 if TYPE_CHECKING:
     import duckdb
@@ -41,46 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAILED_STATUSES = ("fail", "render_error", "error")
-#: What finalize, clean and chunk may use, DuckDB's spill buffers and Python's batches together.
-DEFAULT_MEMORY_BUDGET = 1024 * 2**20
-#: Sorted page rows handed from DuckDB to Python at a time (~3 KB of text each).
-BATCH_ROWS = 2048
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from `1GiB`, `512MiB`, `2GB` or a plain number of bytes."""
-    m = _SIZE_RE.match(str(text))
-    unit = (m.group(2) or "").lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 1GiB, 512MiB, 2GB)")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def connect(scratch: Path, memory_budget: int) -> "duckdb.DuckDBPyConnection":
-    """An in-memory DuckDB that spills to `scratch` beyond its share of the budget.
-
-    DuckDB gets 40% of the budget; the rest is for the batches and the document Python holds and
-    for the Parquet writer's row group.
-    """
-    import duckdb
-
-    con = duckdb.connect(":memory:")
-    limit = max(64 * 2**20, int(memory_budget * 0.4))
-    con.execute(f"SET memory_limit = '{limit // 2**20}MiB'")
-    con.execute(f"SET temp_directory = '{scratch}'")
-    # Order comes from explicit ORDER BY; keeping scan order would cost memory in every operator.
-    con.execute("SET preserve_insertion_order = false")
-    # Each sorting thread pins its own blocks: at 1M pages (2.7 GB of text) two threads under a
-    # 614 MiB limit failed to pin a block, one thread sorted it. So one thread per 512 MiB.
-    con.execute(f"SET threads = {max(1, min(os.cpu_count() or 1, 8, limit // (512 * 2**20)))}")
-    return con
-
-
 # --- duplicates ----------------------------------------------------------------------------------
 
 def drop_duplicate_units(out_dir: Path, con: "duckdb.DuckDBPyConnection | None" = None) -> int:
@@ -234,73 +196,6 @@ FROM docs LEFT JOIN (SELECT doc_id, page, status, text FROM read_parquet($pages)
 """
 
 
-def pages_per_bucket(paths: Sequence[str], memory_budget: int) -> int:
-    """Pages whose rows fit a fifth of the budget, from the chunk footers' text sizes (a bucket
-    is read and sorted whole: two copies of it, plus the document being joined)."""
-    rows = text = 0
-    for p in paths:
-        meta = pq.read_metadata(p)
-        if not meta.num_rows or "text" not in meta.schema.names:
-            continue
-        i = meta.schema.names.index("text")
-        rows += meta.num_rows
-        text += sum(meta.row_group(g).column(i).total_uncompressed_size for g in range(meta.num_row_groups))
-    per_row = (text / rows if rows else 3000) + 300  # + the document's columns on every row
-    return max(1, int(memory_budget * 0.2 / per_row))
-
-
-def sorted_by_buckets(con: "duckdb.DuckDBPyConnection", rows_sql: str, params: dict,
-                      scratch: Path, n_buckets: int,
-                      keys: Sequence[str] = ("ord", "page")) -> Iterator[pa.RecordBatch]:
-    """The rows of `rows_sql` in bucket order, then `keys` order, in bounded memory.
-
-    `rows_sql` yields a `bucket` column (buckets are ranges of consecutive documents sized to fit
-    memory). Pass 1 streams the unordered rows into one Parquet file per bucket (row groups of at
-    most ~64 MiB over all buckets wait in memory); pass 2 reads one bucket at a time and sorts it in memory. A global ORDER BY in DuckDB
-    failed at 1M pages under a 409 MiB limit (its merge pinned more blocks than the limit held).
-    """
-    reader = con.sql(rows_sql, params=params).to_arrow_reader(BATCH_ROWS)
-    root = scratch / "buckets"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    writers: dict[int, pq.ParquetWriter] = {}
-    buffers: dict[int, list[pa.Table]] = defaultdict(list)
-    buffered: dict[int, int] = defaultdict(int)
-    # What waits for its bucket's next row group stays under ~64 MiB across all buckets.
-    flush_bytes = max(1 << 20, (64 << 20) // max(1, n_buckets))
-
-    def flush(b: int) -> None:
-        table = pa.concat_tables(buffers.pop(b))
-        if b not in writers:
-            writers[b] = pq.ParquetWriter(root / f"bucket={b}", table.schema, compression="lz4")
-        writers[b].write_table(table)
-        buffered.pop(b, None)
-
-    try:
-        for batch in reader:
-            buckets = batch.column("bucket").to_numpy(zero_copy_only=False)
-            rows = pa.Table.from_batches([batch]).drop_columns(["bucket"])
-            for b in np.unique(buckets).tolist():
-                part = rows.filter(pa.array(buckets == b))
-                buffers[b].append(part)
-                buffered[b] += part.nbytes
-                if buffered[b] >= flush_bytes:
-                    flush(b)
-        for b in list(buffers):
-            flush(b)
-    finally:
-        for w in writers.values():
-            w.close()
-    for b in range(n_buckets):
-        part = root / f"bucket={b}"
-        if not part.is_file():
-            continue  # bucket numbers skipped by a document longer than a bucket
-        table = pq.read_table(part).sort_by([(k, "ascending") for k in keys])
-        yield from table.to_batches(max_chunksize=BATCH_ROWS)
-        del table
-        part.unlink()
-
-
 def _sorted_buckets(con: "duckdb.DuckDBPyConnection", scratch: Path, manifest: Path,
                     paths: list[str], memory_budget: int) -> Iterator[pa.RecordBatch]:
     """Every (document, page) row of the documents table, in document order, then page order."""
@@ -367,51 +262,6 @@ def write_documents(out_dir: Path, entries: Sequence[DocEntry] | None = None, *,
             con.close()
     layout.legacy_documents.unlink(missing_ok=True)  # an older release's single file: stale now
     return rows
-
-
-def read_pages(out_dir: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """All committed page rows as one table (small outputs and tests; the stages stream)."""
-    paths = chunk_paths(out_dir)
-    empty = PAGES_SCHEMA.empty_table()
-    if not paths:
-        return empty if columns is None else empty.select(columns)
-    return pa.concat_tables(pq.read_table(p, schema=PAGES_SCHEMA, columns=columns) for p in paths)
-
-
-def status_counts(out_dir: Path) -> dict[str, int]:
-    """Committed page rows by status (one chunk's status column in memory at a time)."""
-    counts: dict[str, int] = defaultdict(int)
-    for p in chunk_paths(out_dir):
-        for item in pq.read_table(p, columns=["status"])["status"].value_counts().to_pylist():
-            counts[item["values"]] += item["counts"]
-    return dict(counts)
-
-
-def decode_efficiency(out_dir: Path) -> dict[str, float | int | None]:
-    """Σ page tokens / Σ (batch size x batch steps) over the committed pages that carry both.
-
-    A model batch decodes until its longest page stops, so each of its pages holds a decode slot
-    for every step: summed over pages, `batch_steps` is Σ (batch size x steps). 1.0 means no
-    slot decoded padding; None when no page has the counts (a fake model, chunks from before).
-    """
-    table = read_pages(out_dir, ["n_tokens", "batch_steps"])
-    both = pc.and_(pc.is_valid(table["n_tokens"]), pc.is_valid(table["batch_steps"]))
-    table = table.filter(both)
-    tokens = int(pc.sum(table["n_tokens"]).as_py() or 0)
-    slots = int(pc.sum(table["batch_steps"]).as_py() or 0)
-    return {"efficiency": round(tokens / slots, 4) if slots else None,
-            "page_tokens": tokens, "batch_slots": slots}
-
-
-def text_bytes(out_dir: Path) -> int:
-    """Uncompressed bytes of the committed pages' text column, from the chunk footers."""
-    total = 0
-    for p in chunk_paths(out_dir):
-        meta = pq.read_metadata(p)
-        i = meta.schema.names.index("text")
-        total += sum(meta.row_group(g).column(i).total_uncompressed_size
-                     for g in range(meta.num_row_groups))
-    return total
 
 
 @dataclass

@@ -123,12 +123,20 @@ def discard_committed(out_dir: Path) -> int:
     return rows
 
 
-def invalidate_derived(out_dir: Path) -> list[Path]:
+def invalidate_derived(out_dir: Path, keep_published: bool = False) -> list[Path]:
     """Delete the outputs computed from the pages (`OutputDir.derived`): called when a run is
     about to change the pages, so nothing stale says "finished" or gets uploaded. They are
-    recomputed (the job's end, `clean`, `chunk`). Returns what was removed."""
+    recomputed (the job's end, `clean`, `chunk`). `keep_published`: the run only adds pages, so
+    what --overlap-post published of complete documents stays (`OutputDir.published`), and
+    the other clean/ files go. Returns what was removed."""
+    layout = OutputDir(out_dir)
+    targets = layout.derived()
+    if keep_published and layout.post.is_dir():
+        keep = set(layout.published())
+        targets = [p for p in targets if p not in keep and p != layout.clean]
+        targets += [p for p in layout.clean.glob("*") if p not in keep]
     removed = []
-    for p in OutputDir(out_dir).derived():
+    for p in targets:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():

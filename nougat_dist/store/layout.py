@@ -26,6 +26,7 @@ STATS_FILE = "stats.json"
 FAILURES_FILE = "failures.jsonl"
 LEASE_FILE = "lease.json"
 SUPERSEDED_DIR = "superseded"
+POST_DIR = "post"
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,27 @@ class OutputDir:
         """Rows taken out of pages/ (retried failures, another model's pages), kept for reference."""
         return self.root / SUPERSEDED_DIR
 
+    @property
+    def post(self) -> Path:
+        """The ledger of the post stages run beside OCR (--overlap-post; stages/overlap.py)."""
+        return self.root / POST_DIR
+
+    def post_file(self, kind: str, increment: int, suffix: str = ".json") -> Path:
+        """A ledger file of one increment: `inc` (its documents, .parquet), `clean`/`chunk`/
+        `upload` (the stage finished it), `clean-state` (.parquet: texts it kept)."""
+        return self.post / f"{kind}-{increment:05d}{suffix}"
+
+    @property
+    def post_log(self) -> Path:
+        """The log of the post stages' background process."""
+        return self.logs / "post.log"
+
+    def published(self) -> list[Path]:
+        """What --overlap-post published of complete documents: the ledger and the tables it
+        adds increments to. A resume that only adds pages keeps them (a published document's
+        pages do not change); a run that changes committed pages removes them with the rest."""
+        return [self.post, self.clean_pages, self.clean_documents, self.clean_dropped, self.chunks]
+
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 
@@ -124,4 +146,4 @@ class OutputDir:
         invalidation (`store.index.invalidate_derived`) removes. The live status is in it because
         a finished job's says "finished"."""
         return [self.documents, self.legacy_documents, self.stats, self.status, self.failures,
-                self.clean, self.chunks]
+                self.clean, self.chunks, self.post]

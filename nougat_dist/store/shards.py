@@ -45,11 +45,27 @@ def shard_glob(dirname: str, split: str = SPLIT) -> str:
     return f"{dirname}/{split}-*.parquet"
 
 
+def increment_name(split: str, increment: int, index: int) -> str:
+    """`train-i00004-00000.parquet`: shard `index` of increment `increment` of a table that grows
+    while the job runs (--overlap-post); sorts in publication order."""
+    return f"{split}-i{increment:05d}-{index:05d}.parquet"
+
+
 def shard_paths(directory: Path, split: str = SPLIT) -> list[Path]:
-    """The shards of a table, in order (empty when it was never written)."""
+    """The shards of a table, in order (empty when it was never written): the Hub-style
+    `train-00000-of-00003.parquet` of a table written whole, or the `train-i00000-00000.parquet`
+    increments of one written while the job ran."""
     if not directory.is_dir():
         return []
-    return sorted(directory.glob(f"{split}-*-of-*.parquet"))
+    return sorted(p for p in directory.glob(f"{split}-*.parquet")
+                  if p.name.count("-of-") == 1 or p.name.startswith(f"{split}-i"))
+
+
+def increment_paths(directory: Path, increment: int, split: str = SPLIT) -> list[Path]:
+    """The shards one increment added to a table (see `increment_name`)."""
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob(f"{split}-i{increment:05d}-*.parquet"))
 
 
 def iter_batches(directory: Path, columns: list[str] | None = None,
@@ -120,12 +136,16 @@ class ShardWriter:
     Rows are appended with write(); a row group is flushed when the buffered Arrow data reaches
     `row_group_bytes`, and a shard is closed once its file reaches `max_shard_bytes`. A table with
     no rows still gets one (empty) shard, so its schema and its place in the card exist.
+
+    With `increment=N` the shards are added to `target` instead (named by `increment_name`, the
+    other shards left alone), and an increment without rows adds no file.
     """
 
     def __init__(self, target: Path, schema: pa.Schema, staging: Path, *, split: str = SPLIT,
                  max_shard_bytes: int | None = None, row_group_bytes: int | None = None,
-                 max_shard_rows: int | None = None) -> None:
+                 max_shard_rows: int | None = None, increment: int | None = None) -> None:
         self.target = target
+        self.increment = increment
         self.schema = schema
         self.split = split
         self.max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
@@ -195,8 +215,11 @@ class ShardWriter:
         self._writer, self._file = None, None
 
     def close(self) -> list[Path]:
-        """Finish the last shard, name the shards, and replace `target` with them."""
+        """Finish the last shard, name the shards, and replace `target` with them (or, for an
+        increment, add them to it)."""
         self._flush()
+        if self.increment is not None:
+            return self._close_increment()
         if not self._parts:  # no rows at all: one empty shard carries the schema
             self._writer = pq.ParquetWriter(self.staging / "part-00000.parquet", self.schema,
                                             compression="zstd")
@@ -211,6 +234,20 @@ class ShardWriter:
             names.append(self.target / name.name)
         fsync_dir(self.staging)
         replace_dir(self.staging, self.target)
+        return names
+
+    def _close_increment(self) -> list[Path]:
+        self._close_shard()
+        self.target.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, part in enumerate(self._parts):
+            # One rename per shard: a crash between two leaves some of the increment's shards,
+            # which its stage removes before doing the increment again (stages/overlap.py).
+            name = self.target / increment_name(self.split, self.increment or 0, i)
+            os.replace(part, name)
+            names.append(name)
+        fsync_dir(self.target)
+        shutil.rmtree(self.staging, ignore_errors=True)
         return names
 
     def abort(self) -> None:
