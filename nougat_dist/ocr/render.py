@@ -209,7 +209,7 @@ class PageDataset(torch.utils.data.Dataset):
         info = torch.utils.data.get_worker_info()
         if info is None:  # rendering in the rank itself (--num-workers 0): no timer, no watch
             return self._render(key)
-        faults.gate_render(Path(entry.member or entry.source).name, page)
+        faults.hit("render-start", name=Path(entry.member or entry.source).name, page=page)
         if self.watch is not None:
             self.watch.begin(info.id, key)
         if self.page_timeout > 0:
@@ -224,7 +224,7 @@ class PageDataset(torch.utils.data.Dataset):
     def _render(self, key: tuple[int, int]) -> PageItem:
         doc, page = key
         entry = self.docs[doc]
-        faults.hit_render(Path(entry.member or entry.source).name, page)
+        faults.hit("render", name=Path(entry.member or entry.source).name, page=page)
         t0 = time.perf_counter()
         try:
             pdf = self._document(doc)
