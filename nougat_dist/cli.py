@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from nougat_dist.errors import SetupError
     from nougat_dist.worker import run
     from nougat_dist.inputs.members import set_max_member_bytes
-    from nougat_dist.ocr.render import set_max_page_pixels
+    from nougat_dist.ocr.raster import set_max_page_pixels
 
     set_max_member_bytes(cfg.max_member_bytes)
     set_max_page_pixels(cfg.max_page_pixels)
