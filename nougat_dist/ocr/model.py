@@ -84,7 +84,7 @@ def resolve_checkpoint(checkpoint: str | None, model_tag: str) -> Path:
         return Path(checkpoint)
     try:
         path = Path(get_checkpoint(checkpoint, model_tag=model_tag))
-    except Exception as e:  # requests/urllib/OS errors all mean the same thing to the user here
+    except OSError as e:  # requests' and urllib's errors are OSErrors: offline, refused, 404
         raise CheckpointError(
             f"checkpoint not found at {checkpoint or '(default location)'} and downloading nougat "
             f"model {model_tag!r} failed ({type(e).__name__}: {e}). Pass --checkpoint DIR with a "
