@@ -127,13 +127,14 @@ class _RankEnd:
         """Record the attempt's end, push a bucket output, leave the process group and stop any
         render worker left alive. Returns False if the push failed."""
         from nougat_dist import dist as ndist
+        from nougat_dist.store.layout import OutputDir
 
         if self.record is not None:
             self.record.end(self.rc, None if self.rc is not None else self.reason)
         pushed = True
         if self.sync is not None:
             try:
-                done = self.rc == 0 and (Path(self.cfg.output) / "stats.json").exists()
+                done = self.rc == 0 and OutputDir(self.cfg.output).stats.exists()
                 self.sync.close(rank=self.info.rank, complete=done)
             except OSError as e:
                 pushed = False
