@@ -26,15 +26,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def run(mode: str, corpus: Path, work: Path, delay: float) -> dict:
     from test_upload import Hub
 
+    from testing import fake_model
+
     hub = Hub()
     out = work / mode
     args = [sys.executable, str(ROOT / "launch.py"), "--input", str(corpus), "--output", str(out),
-            "--test-fake-model", f"delay={delay}", "--unit-pages", "2", "--commit-pages", "2",
+            "--unit-pages", "2", "--commit-pages", "2",
             "--commit-seconds", "1", "--batch-size", "2", "--post", "clean,chunk,upload",
             "--post-repo", "org/bench", "--post-every", "1"]
     if mode == "overlapped":
         args.append("--overlap-post")
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_bench",
+    env = {**os.environ, **fake_model.env(f"delay={delay}"), "HF_ENDPOINT": hub.url,
+           "HF_TOKEN": "hf_bench",
            "NLTK_DATA": str(ROOT / "tests" / "fixtures" / "nltk_data")}
     t0 = time.monotonic()
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

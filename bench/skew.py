@@ -22,8 +22,11 @@ def run(pdf: Path, out: Path, fast: float, slow: float, steal: bool) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "launch.py"), "--input", str(pdf), "--output", str(out), "--device", "cpu",
            "--unit-pages", "1", "--batch-size", "1", "--num-workers", "1", "--prefetch-factor", "1",
-           "--test-fake-model", f"delay={fast},delay_rank1={slow}"] + ([] if steal else ["--no-steal"])
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=os.environ.copy())
+           ] + ([] if steal else ["--no-steal"])
+    from testing import fake_model
+
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, **fake_model.env(f"delay={fast},delay_rank1={slow}")})
     return json.loads((out / "stats.json").read_text())
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_MODEL_TAG = "0.1.0-small"
@@ -17,7 +16,7 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class Config:
-    """Everything a run needs. Field docstrings double as `--help` text (see `FIELD_HELP`)."""
+    """Everything a run needs; each field is a flag whose `--help` text is in `FIELD_HELP`."""
 
     input: list[str] = field(default_factory=list)
     output: str = ""
@@ -46,7 +45,6 @@ class Config:
     max_page_pixels: int = 40_000_000
     finalize_memory: int = 1024 * 2**20  # = store.finalize.DEFAULT_MEMORY_BUDGET
     log_level: str = "INFO"
-    test_fake_model: str | None = None
     post: str = ""
     post_repo: str = ""
     overlap_post: bool = False
@@ -161,7 +159,6 @@ FIELD_HELP: dict[str, str] = {
     "plan_pages_per_s": "Pages per second per rank assumed by --plan's wall-time estimate "
     "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
     "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",
-    "test_fake_model": argparse.SUPPRESS,  # testing only: see runner.FakeModel
     "post": "Post stages rank 0 runs when the job is complete, comma-separated and in this order: "
     "clean, chunk, upload (as `nougat-dist clean|chunk|upload OUTPUT` with their defaults). "
     "Empty: none.",
@@ -245,7 +242,7 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         parser.error(f"--config {path} is not valid YAML: {e}")
     if not isinstance(data, dict):
         parser.error(f"--config {path} must be a mapping of flag names to values")
-    valid = [f.name for f in dataclasses.fields(Config) if f.name != "test_fake_model"]
+    valid = [f.name for f in dataclasses.fields(Config)]
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -324,8 +321,6 @@ def to_yaml(cfg: Config) -> str:
 
     data = {}
     for f in dataclasses.fields(Config):
-        if f.name == "test_fake_model":
-            continue
         value = getattr(cfg, f.name)
         if f.name in _NEGATED:
             data[_NEGATED[f.name][2:]] = not value
@@ -333,6 +328,3 @@ def to_yaml(cfg: Config) -> str:
             data[f.name.replace("_", "-")] = value
     return yaml.safe_dump(data, sort_keys=False)
 
-
-def output_path(cfg: Config) -> Path:
-    return Path(cfg.output)

@@ -11,10 +11,11 @@ checkpoint).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
+
+from nougat_dist.inputs.cache import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,6 @@ SUMS = "SHA256SUMS"
 
 class FetchError(RuntimeError):
     """The checkpoint could not be fetched; the message says why."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(model_tag: str, to: Path) -> dict[str, tuple[int, str]]:
@@ -66,7 +59,7 @@ def fetch(model_tag: str, to: Path) -> dict[str, tuple[int, str]]:
             for p in to.iterdir():
                 p.unlink()
             to.rmdir()
-    sums = {name: ((to / name).stat().st_size, _sha256(to / name)) for name in FILES}
+    sums = {name: ((to / name).stat().st_size, sha256_file(to / name)) for name in FILES}
     (to / SUMS).write_text("".join(f"{digest}  {name}\n" for name, (_, digest) in sums.items()))
     return sums
 

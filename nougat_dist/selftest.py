@@ -144,8 +144,11 @@ def run_launcher(pdf: Path, out: Path, ckpt: Path, device: str, batch: int, fp32
     cmd = [sys.executable, "-m", "nougat_dist.cli", "--input", str(pdf), "--output", str(out),
            "--checkpoint", str(ckpt), "--device", device, "--batch-size", str(batch)]
     _run(cmd + (["--full-precision"] if fp32 else []), _child_env(device), "the launcher", timeout)
-    text = pq.read_table(out / "documents").column("text").to_pylist()[0]
-    return text, json.loads((out / "stats.json").read_text())
+    from nougat_dist.store.layout import OutputDir
+
+    layout = OutputDir(out)
+    text = pq.read_table(layout.documents).column("text").to_pylist()[0]
+    return text, json.loads(layout.stats.read_text())
 
 
 def run_stock(pdf: Path, out: Path, ckpt: Path, device: str, batch: int, fp32: bool,

@@ -18,8 +18,7 @@ import torch.distributed as dist
 from nougat_dist import faults
 from nougat_dist.config import Config
 from nougat_dist.dist import DistInfo, describe, restart_count
-from nougat_dist.ocr.model import (CpuThreads, FakeModel, checkpoint_name, encoder_input_spec,
-                                   load_model)
+from nougat_dist.ocr.model import CpuThreads, model_source
 from nougat_dist.ocr.pages import PageRunner, RankStats, page_row
 from nougat_dist.ocr.nltk_words import _silence_nltk_download
 from nougat_dist.errors import SetupError
@@ -325,17 +324,10 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     if not plan.nltk_ok:
         _silence_nltk_download()
 
-    fake = cfg.test_fake_model is not None
-    if fake:
-        input_size, align = [448, 224], False
-        model_id, dtype_name = "fake", "none"
-        load: Callable[[], Any] = lambda: FakeModel(cfg.test_fake_model or "", info.rank)
-    else:
-        ckpt = Path(plan.checkpoint)
-        input_size, align = encoder_input_spec(ckpt)
-        model_id = checkpoint_name(ckpt)
-        dtype_name = "float32" if cfg.full_precision else "bfloat16"
-        load = lambda: load_model(ckpt, info.device, cfg.full_precision)
+    source = model_source(plan.checkpoint, cfg.full_precision)
+    input_size, align = source.input_size, source.align_long_axis
+    model_id, dtype_name = source.model_id, source.dtype
+    load: Callable[[], Any] = lambda: source.load(info.rank, info.device)
 
     batch_size = cfg.batch_size or _auto_batch_size(info.device)
     log.info("%s; dtype %s, batch size %d, %d render worker(s) x prefetch %d, checkpoint %s",
@@ -343,7 +335,7 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     check_shm(shm_needed(input_size, batch_size, cfg.num_workers, cfg.prefetch_factor,
                          info.local_world_size), shm_free(), cfg.num_workers, cfg.prefetch_factor)
     cpu_cores = None
-    if (info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and not fake
+    if (info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and source.cpu_threads
             and cfg.num_workers > 0):
         # The render workers share the cores with the model; CpuThreads divides them from the
         # first batches' costs. An explicit OMP_NUM_THREADS (torchrun sets 1) is left alone.

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_launch
+from testing import fake_model
 from nougat_dist.inputs import archives
 from nougat_dist.inputs import sources
 from nougat_dist.store.manifest import build_entries, inspect, unique_docs
@@ -219,7 +220,8 @@ def test_e2e_archive_and_loose_run_once(tmp_path: Path, sample_pdfs: list[Path],
     write_rar5_stored(tmp_path / "same.rar", [(p.name, b) for p, b in zip(sample_pdfs, pdf_bytes)])
     out = tmp_path / "out"
     run_launch(["--input", str(sample_pdfs[0].parent), str(tmp_path / "same.zip"),
-                str(tmp_path / "same.rar"), "--output", str(out), "--test-fake-model", "delay=0"])
+                str(tmp_path / "same.rar"), "--output", str(out)],
+               env=fake_model.env("delay=0"))
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(manifest) == 9
     pages = pq.read_table(out / "pages").to_pylist()

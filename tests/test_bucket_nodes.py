@@ -28,6 +28,7 @@ import pytest
 from conftest import rows, stats
 from netns import Cluster, _ip
 from test_multinode import torchrun
+from testing import fake_model
 
 BRIDGE_ADDR = "10.77.0.254"  # the bridge's own address, inside the cluster's switch namespace
 S3_PORT = 5000
@@ -132,16 +133,20 @@ def node_env(tmp: Path, name: str) -> dict[str, str]:
             "NOUGAT_DIST_CACHE": str(tmp / name / "cache"), "NOUGAT_DIST_SYNC_SECONDS": "0.3"}
 
 
-def job_args(prefix: str, delay: float) -> list[str]:
+def job_args(prefix: str) -> list[str]:
     return ["--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/{prefix}",
-            "--test-fake-model", f"delay={delay}", "--unit-pages", "2", "--commit-pages", "2",
+            "--unit-pages", "2", "--commit-pages", "2",
             "--commit-seconds", "0.5", "--device", "cpu", "--num-workers", "1"]
 
 
-def start(c: Cluster, tmp: Path, args: list[str], disks: list[str], tag: str) -> tuple[list, list[Path]]:
+def start(c: Cluster, tmp: Path, args: list[str], disks: list[str], tag: str,
+          delay: float) -> tuple[list, list[Path]]:
+    """The job on both nodes, each rank with the fake model at `delay` seconds a page."""
     head = c.nodes[0]
     logs = [tmp / f"{tag}-{n.hostname}.log" for n in c.nodes]
-    procs = [torchrun(n, head, args, run_id=tag.split("-")[0], log=lg, env=node_env(tmp, disk))
+    model = fake_model.env(f"delay={delay}")
+    procs = [torchrun(n, head, args, run_id=tag.split("-")[0], log=lg,
+                      env={**node_env(tmp, disk), **model})
              for n, lg, disk in zip(c.nodes, logs, disks)]
     return procs, logs
 
@@ -174,7 +179,7 @@ def every_page_once(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(cluster) -> dict:
     c, b, tmp = cluster
-    procs, logs = start(c, tmp, job_args("clean", 0), ["a", "b"], "clean")
+    procs, logs = start(c, tmp, job_args("clean"), ["a", "b"], "clean", 0)
     finish(procs, logs)
     got = b.copy("clean", tmp / "clean-bucket")
     return {"rows": every_page_once(got), "out": got}
@@ -203,7 +208,7 @@ def test_a_node_killed_mid_run_then_resumed_equals_the_uninterrupted_job(cluster
     c, b, tmp = cluster
     reference = uninterrupted["rows"]
     waiter = b.wait_chunks("killed", timeout=240)
-    procs, logs = start(c, tmp, job_args("killed", 0.3), ["c", "d"], "killed-1")
+    procs, logs = start(c, tmp, job_args("killed"), ["c", "d"], "killed-1", 0.3)
     try:
         waiter.wait(timeout=300)
     finally:
@@ -226,7 +231,7 @@ def test_a_node_killed_mid_run_then_resumed_equals_the_uninterrupted_job(cluster
     assert 0 < committed < len(reference), committed
 
     # The killed node is replaced by a fresh one: nothing staged, nothing cached.
-    procs, logs = start(c, tmp, job_args("killed", 0), ["c", "e"], "killed-2")
+    procs, logs = start(c, tmp, job_args("killed"), ["c", "e"], "killed-2", 0)
     finish(procs, logs)
     got = b.copy("killed", tmp / "killed-bucket")
     assert every_page_once(got) == reference

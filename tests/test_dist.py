@@ -12,6 +12,7 @@ import torch
 import torch.distributed as tdist
 
 from conftest import ROOT, run_launch
+from testing import fake_model, faults
 from nougat_dist import dist as ndist
 from nougat_dist.errors import SetupError
 from nougat_dist.ocr import render
@@ -167,7 +168,7 @@ def test_launcher_exits_2_for_local_rank_beyond_the_gpus(tmp_path, sample_pdfs):
 def test_every_rank_logs_its_start_line(tmp_path, sample_pdfs):
     out = tmp_path / "out"
     run_launch(["--input", *map(str, sample_pdfs), "--output", str(out), "--device", "cpu",
-                "--test-fake-model", "delay=0", "--batch-size", "3", "--num-workers", "1"], nproc=2)
+                "--batch-size", "3", "--num-workers", "1"], nproc=2, env=fake_model.env("delay=0"))
     for rank in (0, 1):
         lines = [ln for ln in (out / "logs" / f"rank{rank}.log").read_text().splitlines()
                  if " backend " in ln]
@@ -257,9 +258,10 @@ def test_hung_page_in_a_two_rank_run_is_an_error_row_and_no_collective_times_out
     pdfs = write_sample_pdfs(tmp_path / "in", n_docs=2, seed=0)
     out = tmp_path / "out"
     proc = run_launch(["--input", str(tmp_path / "in"), "--output", str(out), "--device", "cpu",
-                       "--test-fake-model", "delay=0.1", "--num-workers", "1", "--batch-size", "8",
+                       "--num-workers", "1", "--batch-size", "8",
                        "--unit-pages", "2", "--render-timeout", "4", "--collective-timeout", "20"],
-                      nproc=2, env={"NOUGAT_DIST_FAULT": f"render-hang:{pdfs[0].name}:2"},
+                      nproc=2, env={**fake_model.env("delay=0.1"),
+                                    **faults.env(f"render-hang:{pdfs[0].name}:2")},
                       timeout=300)
     assert "collective timeout 20s" in proc.stderr
     df = pd.read_parquet(out / "pages")

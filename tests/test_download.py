@@ -27,6 +27,7 @@ import pypdfium2
 import pytest
 
 from conftest import ROOT, run_launch
+from testing import fake_model
 from nougat_dist.inputs import remote as download
 from nougat_dist.inputs import sources
 from nougat_dist.inputs.remote import Downloader, DownloadError
@@ -427,8 +428,8 @@ def test_e2e_url_list(server, tmp_path, pdf, sample_pdfs):
     good, gone = server.url("/a.pdf"), server.url("/down.pdf")
     listing.write_text(f"{good}\n{gone}\n")
     out = tmp_path / "out"
-    run_launch(["--input", str(listing), "--output", str(out), "--test-fake-model", "delay=0",
-                "--device", "cpu"], env={download.CACHE_ENV: str(tmp_path / "cache")}, timeout=120)
+    run_launch(["--input", str(listing), "--output", str(out), "--device", "cpu"],
+               env={**fake_model.env("delay=0"), download.CACHE_ENV: str(tmp_path / "cache")}, timeout=120)
     df = pd.read_parquet(out / "pages")
     good_rows = df[df.source == good]
     assert sorted(good_rows.page) == list(range(1, len(pypdfium2.PdfDocument(pdf)) + 1))

@@ -138,4 +138,7 @@ def test_help_explains_every_flag():
     for flag in ("--input", "--output", "--checkpoint", "--model", "--batch-size", "--num-workers",
                  "--full-precision", "--no-markdown", "--no-skipping", "--unit-pages", "--no-steal"):
         assert flag in proc.stdout
-    assert "--test-fake-model" not in proc.stdout
+    # The test seam is an environment hook, not a flag: the product's parser refuses it.
+    old = subprocess.run([sys.executable, "launch.py", "--test-fake-model", "delay=0"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert old.returncode == 2 and "unrecognized arguments: --test-fake-model" in old.stderr

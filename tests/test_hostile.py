@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_launch
+from testing import fake_model, faults
 from testing.samples import write_sample_pdfs
 
 
@@ -18,9 +19,9 @@ def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
     pdfs = write_sample_pdfs(tmp_path / "in", n_docs=2, seed=0)
     out = tmp_path / "out"
     proc = run_launch(["--input", str(tmp_path / "in"), "--output", str(out), "--device", "cpu",
-                       "--test-fake-model", "delay=0", "--num-workers", "1", "--batch-size", "2",
-                       "--render-timeout", "3"],
-                      env={"NOUGAT_DIST_FAULT": f"{kind}:{pdfs[0].name}:2"}, timeout=240)
+                       "--num-workers", "1", "--batch-size", "2", "--render-timeout", "3"],
+                      env={**fake_model.env("delay=0"), **faults.env(f"{kind}:{pdfs[0].name}:2")},
+                      timeout=240)
     df = pd.read_parquet(out / "pages")
     bad = df[(df.source == str(pdfs[0])) & (df.page == 2)]
     assert list(bad.status) == ["render_error"] and reason in bad.error.iloc[0]
@@ -123,8 +124,9 @@ def test_caps_and_odd_members_become_error_rows_in_a_run(tmp_path, sample_pdfs):
     write_big_member_zip(inp / "big.zip", 3 * 2**20)
     (inp / "huge.pdf").write_bytes(huge_page_pdf())
     out = tmp_path / "out"
-    run_launch(["--input", str(inp), "--output", str(out), "--device", "cpu", "--test-fake-model",
-                "delay=0", "--num-workers", "1", "--max-member-bytes", str(2**20)], timeout=240)
+    run_launch(["--input", str(inp), "--output", str(out), "--device", "cpu",
+                "--num-workers", "1", "--max-member-bytes", str(2**20)], timeout=240,
+               env=fake_model.env("delay=0"))
     df = pd.read_parquet(out / "pages")
     reasons = {(Path(r.source).name, r.member if isinstance(r.member, str) else None):
                (r.status, r.error if isinstance(r.error, str) else "") for r in df.itertuples()}

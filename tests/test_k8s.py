@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, rows
+from testing import fake_model
 
 K8S = ROOT / "k8s"
 ENTRY = K8S / "entry.sh"
@@ -159,7 +160,8 @@ def test_one_pod_cpu_job_stops_on_sigterm_with_75_and_resumes(tmp_path, sample_p
     env = pod_env(JOB_COMPLETION_INDEX="0", NNODES="1", GPUS_PER_NODE="2", HOSTNAME="nougat-ocr-0",
                   RDZV_HOST="127.0.0.1", RDZV_PORT=str(_free_port()), DEVICE="cpu",
                   INPUT=str(sample_pdfs[0].parent), OUTPUT=str(out), CHECKPOINT="", STOP_TIMEOUT="60",
-                  EXTRA_ARGS="--test-fake-model delay=1.5 --unit-pages 2 --commit-pages 2 --batch-size 1")
+                  EXTRA_ARGS="--unit-pages 2 --commit-pages 2 --batch-size 1",
+                  **fake_model.env("delay=1.5"))
     proc = subprocess.Popen(["bash", str(ENTRY)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -184,7 +186,7 @@ def test_one_pod_cpu_job_stops_on_sigterm_with_75_and_resumes(tmp_path, sample_p
     assert 0 < done < total
 
     env["RDZV_PORT"] = str(_free_port())
-    env["EXTRA_ARGS"] = env["EXTRA_ARGS"].replace("delay=1.5", "delay=0")  # only slowed for the stop
+    env.update(fake_model.env("delay=0"))  # only slowed for the stop
     again = subprocess.run(["bash", str(ENTRY)], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, rows, run_launch, stats
 from netns import Cluster, Node
+from testing import fake_model
 from testing.samples import write_long_pdf, write_sample_pdfs
 
 RDZV_PORT = 29400
@@ -83,8 +84,8 @@ def test_stealing_crosses_nodes(nodes, tmp_path):
     pdf = write_long_pdf(tmp_path / "book.pdf", 40)
     out = tmp_path / "out"
     run_job(nodes, ["--input", str(pdf), "--output", str(out), "--device", "cpu",
-                    "--unit-pages", "1", "--batch-size", "1", "--num-workers", "1",
-                    "--test-fake-model", "delay=0.05,delay_rank1=0.5"], tmp_path, "steal")
+                    "--unit-pages", "1", "--batch-size", "1", "--num-workers", "1"], tmp_path,
+            "steal", env=fake_model.env("delay=0.05,delay_rank1=0.5"))
     assert len(rows(out)) == 40
     per_rank = {r["rank"]: r for r in stats(out)["per_rank"]}
     assert per_rank[0]["host"] != per_rank[1]["host"]
@@ -103,8 +104,8 @@ def test_a_hostname_that_resolves_to_loopback_works_with_the_documented_fix(node
     assert head.run(["getent", "hosts", head.hostname]).stdout.split()[0] == "127.0.1.1"
     out = tmp_path / "out"
     run_job(nodes, ["--input", str(write_long_pdf(tmp_path / "b.pdf", 8)), "--output", str(out),
-                    "--device", "cpu", "--unit-pages", "2", "--test-fake-model", "delay=0.05"],
-            tmp_path, "lo", env={"GLOO_SOCKET_IFNAME": "eth0"},
+                    "--device", "cpu", "--unit-pages", "2"],
+            tmp_path, "lo", env={"GLOO_SOCKET_IFNAME": "eth0", **fake_model.env("delay=0.05")},
             rdzv=lambda n: [f"--rdzv-endpoint={head.addr}:{RDZV_PORT}",
                             f"--rdzv-conf=is_host={int(n is head)}"])
     assert len(rows(out)) == 8
@@ -181,15 +182,17 @@ def test_a_node_dies_the_survivor_exits_and_the_same_command_resumes(nodes, tmp_
     corpus = tmp_path / "in"
     write_sample_pdfs(corpus, n_docs=3, seed=5)
     write_long_pdf(corpus / "book.pdf", 30, seed=5)
-    args = ["--input", str(corpus), "--test-fake-model", "delay=0.2", "--unit-pages", "2",
-            "--commit-pages", "2", "--commit-seconds", "0.5", "--device", "cpu", "--num-workers", "1"]
-    run_launch([*args, "--output", str(tmp_path / "ref")])
+    args = ["--input", str(corpus), "--unit-pages", "2", "--commit-pages", "2",
+            "--commit-seconds", "0.5", "--device", "cpu", "--num-workers", "1"]
+    model = fake_model.env("delay=0.2")
+    run_launch([*args, "--output", str(tmp_path / "ref")], env=model)
     reference = rows(tmp_path / "ref")
     out = tmp_path / "out"
     job = [*args, "--output", str(out)]
     head, victim = nodes.nodes
     logs = [tmp_path / f"kill-{n.hostname}.log" for n in nodes.nodes]
-    procs = [torchrun(n, head, job, run_id="job", log=lg) for n, lg in zip(nodes.nodes, logs)]
+    procs = [torchrun(n, head, job, run_id="job", log=lg, env=model)
+             for n, lg in zip(nodes.nodes, logs)]
     deadline = time.monotonic() + 180
     while not _chunks(out):
         assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
@@ -212,7 +215,7 @@ def test_a_node_dies_the_survivor_exits_and_the_same_command_resumes(nodes, tmp_
     survivor_text = logs[0].read_text()
     rank_logs = "".join(p.read_text() for p in (out / "logs").glob("rank*.log"))
     assert "the work loop failed" in rank_logs, survivor_text[-3000:]
-    run_job(nodes, job, tmp_path, "job")
+    run_job(nodes, job, tmp_path, "job", env=model)
     assert rows(out) == reference
     s = stats(out)
     assert s["pages_resumed"] >= committed

@@ -31,6 +31,7 @@ from nougat_dist.inputs.sources import InputError, Source, discover, read_bytes
 from nougat_dist.store import bucket
 from nougat_dist.store.lease import LeaseHeld
 from nougat_dist.store.manifest import inspect
+from testing import fake_model
 
 BUCKET = "papers-bucket"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -203,7 +204,8 @@ def test_transient_errors_are_retried_and_a_partial_read_resumes(s3, corpus, tmp
     assert len(data) > 8192
 
 
-COMMON = ["--test-fake-model", "delay=0", "--device", "cpu", "--num-workers", "1"]
+COMMON = ["--device", "cpu", "--num-workers", "1"]
+FAKE_MODEL = fake_model.env("delay=0")
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +217,12 @@ def local_run(corpus: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory
         (local / key).write_bytes(data)
     out = local / "out"
     run_launch(["--input", str(local / "papers"), str(local / "books"), "--output", str(out), *COMMON],
-               timeout=240)
+               env=FAKE_MODEL, timeout=240)
     return local, rows(out)
 
 
 def job_env(tmp_path: Path, **over: str) -> dict[str, str]:
-    return {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": os.environ["FSSPEC_S3_ENDPOINT_URL"],
+    return {**FAKE_MODEL, **S3_ENV, "FSSPEC_S3_ENDPOINT_URL": os.environ["FSSPEC_S3_ENDPOINT_URL"],
             download.CACHE_ENV: str(tmp_path / "job-cache"), bucket.STAGING_ENV: str(tmp_path / "staging"),
             **over}
 
@@ -295,8 +297,8 @@ def test_kill9_then_resume_on_a_fresh_node_is_exactly_once(s3, local_run, tmp_pa
             "--device", "cpu", "--num-workers", "1", "--unit-pages", "2", "--commit-pages", "2",
             "--batch-size", "2"]
     env = {**os.environ, **job_env(tmp_path, **{bucket.STAGING_ENV: str(tmp_path / "node-a"),
-                                                 bucket.SYNC_ENV: "0.3"})}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args, "--test-fake-model", "delay=0.5"],
+                                                 bucket.SYNC_ENV: "0.3"}, **fake_model.env("delay=0.5"))}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -315,7 +317,7 @@ def test_kill9_then_resume_on_a_fresh_node_is_exactly_once(s3, local_run, tmp_pa
     s3.invalidate_cache()
     assert s3.exists(f"{BUCKET}/out/killed/lease.json")  # the killed job never released it
 
-    run_launch([*args, "--test-fake-model", "delay=0"], timeout=240,
+    run_launch(args, timeout=240,
                env=job_env(tmp_path, **{bucket.STAGING_ENV: str(tmp_path / "node-b")}))
     got = bucket_copy(s3, "out/killed", tmp_path / "got")
     assert rows(got) == reference  # every page once (rows() fails on a page stored twice)
@@ -522,7 +524,7 @@ def test_gcs_inputs_and_output_through_gcsfs(gcs_endpoint, corpus, local_run, tm
                                                      (gs("books/x.rar"), "r/two.pdf"), (gs("books/y.zip"), "z/one.pdf")]
     assert read_bytes(Source(gs("papers/sub/b.pdf"))) == corpus["papers/sub/b.pdf"]
 
-    env = {"STORAGE_EMULATOR_HOST": gcs_endpoint, download.CACHE_ENV: str(tmp_path / "job-cache"),
+    env = {**FAKE_MODEL, "STORAGE_EMULATOR_HOST": gcs_endpoint, download.CACHE_ENV: str(tmp_path / "job-cache"),
            bucket.STAGING_ENV: str(tmp_path / "staging")}
     run_launch(["--input", gs("papers/**.pdf"), gs("books/"), "--output", gs("out/run1"), *COMMON],
                env=env, timeout=240)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import yaml
 
 from conftest import ROOT, run_launch
 from nougat_dist.config import parse_args
+from testing import fake_model
 from testing.samples import write_sample_pdfs
 
 
@@ -72,8 +74,8 @@ def status(out: Path) -> dict:
 def test_status_of_finished_running_and_crashed_dirs(tmp_path):
     write_sample_pdfs(tmp_path / "in", n_docs=2, seed=3)
     out = tmp_path / "out"
-    run_launch(["--input", str(tmp_path / "in"), "--output", str(out), "--test-fake-model", "delay=0",
-                "--device", "cpu", "--unit-pages", "1", "--commit-pages", "1"])
+    run_launch(["--input", str(tmp_path / "in"), "--output", str(out),
+                "--device", "cpu", "--unit-pages", "1", "--commit-pages", "1"], env=fake_model.env("delay=0"))
     s = status(out)
     assert s["state"] == "finished" and s["pages_remaining"] == 0 and s["pages_done"] == s["pages_total"]
 
@@ -104,9 +106,9 @@ def test_sigquit_prints_every_thread_stack_and_the_run_goes_on(tmp_path):
     write_sample_pdfs(tmp_path / "in", n_docs=1, seed=3)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--input", str(tmp_path / "in"),
-                             "--output", str(out), "--test-fake-model", "delay=0.4", "--device", "cpu",
-                             "--num-workers", "1"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--output", str(out), "--device", "cpu", "--num-workers", "1"],
+                            cwd=ROOT, env={**os.environ, **fake_model.env("delay=0.4")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (out / "status.json").exists() and proc.poll() is None and time.time() < deadline:

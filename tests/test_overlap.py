@@ -25,6 +25,7 @@ from nougat_dist.store import finalize, manifest
 from nougat_dist.store.chunks import PAGES_SCHEMA, atomic_write_table
 from nougat_dist.store.layout import OutputDir
 from test_upload import Hub
+from testing import fake_model
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega rho tau phi "
          "chi psi").split()
@@ -263,13 +264,13 @@ def test_job_killed_after_an_increment_resumes_exactly_once(corpus: Path, tmp_pa
     # The reference: one uninterrupted job whose post stages run after OCR (the fake model's
     # text depends on the page only, not on its delay).
     ref = tmp_path / "ref"
-    run_launch(["--input", str(corpus), "--output", str(ref), *FAKE, "--test-fake-model", "delay=0",
-                "--post", "clean,chunk"], env=env)
+    run_launch(["--input", str(corpus), "--output", str(ref), *FAKE, "--post", "clean,chunk"],
+               env={**env, **fake_model.env("delay=0")})
 
     out = tmp_path / "out"
-    args = ["--input", str(corpus), "--output", str(out), *FAKE, "--test-fake-model", "delay=0.5",
-            "--post", "clean,chunk,upload", "--post-repo", "org/papers", "--overlap-post",
-            "--post-every", "0.3"]
+    args = ["--input", str(corpus), "--output", str(out), *FAKE, "--post", "clean,chunk,upload",
+            "--post-repo", "org/papers", "--overlap-post", "--post-every", "0.3"]
+    env = {**env, **fake_model.env("delay=0.5")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
                             env={**os.environ, **env}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -12,11 +12,11 @@ import torch
 from nougat.model import SwinEncoder
 from PIL import Image
 
-from nougat_dist import faults
 from nougat_dist.store.manifest import DocTable, inspect
 from nougat_dist.ocr.render import (EncoderInput, LiveBatchSampler, PageDataset, close_loader,
                                 crop_margin, kept_levels, make_loader, render_page)
 from nougat_dist.inputs.sources import Source
+from testing import faults
 
 
 class NougatInput(EncoderInput):
@@ -111,7 +111,7 @@ def test_close_loader_stops_the_persistent_workers(sample_pdfs: list[Path]) -> N
 
 def test_close_loader_kills_a_worker_hung_in_a_page(sample_pdfs: list[Path],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(faults.ENV, f"render-hang:{sample_pdfs[0].name}:1")
+    monkeypatch.setenv(faults.ENV, faults.value(f"render-hang:{sample_pdfs[0].name}:1"))
     loader = _loader(sample_pdfs[:1], [(0, 1), (0, 2)])
     it = iter(loader)
     workers = list(it._workers)

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, run_launch
+from testing import fake_model, faults
 from testing.samples import write_long_pdf, write_sample_pdfs
 
-FAKE = ["--test-fake-model", "delay=0.05", "--unit-pages", "2", "--commit-pages", "4",
-        "--commit-seconds", "0.5", "--device", "cpu"]
+FAKE = ["--unit-pages", "2", "--commit-pages", "4", "--commit-seconds", "0.5", "--device", "cpu"]
+FAKE_MODEL = fake_model.env("delay=0.05")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ref") / "out"
-    run_launch(["--input", str(corpus), "--output", str(out), *FAKE], nproc=2)
+    run_launch(["--input", str(corpus), "--output", str(out), *FAKE], nproc=2, env=FAKE_MODEL)
     return page_texts(out)
 
 
@@ -114,8 +115,8 @@ def test_sigkill_at_a_random_point_of_the_work_then_resume(tmp_path, corpus, ref
     # Slower pages than the reference's (the fake text does not depend on the delay): the rest
     # of the work outlasts the poll that sees the target reached.
     args = ["--input", str(corpus), "--output", str(out), *FAKE]
-    args[args.index("delay=0.05")] = "delay=0.3"
-    proc = start(args, nproc=2)
+    slow = fake_model.env("delay=0.3")
+    proc = start(args, nproc=2, env=slow)
     deadline = time.monotonic() + 180
     while committed_rows(out) < target:
         assert proc.poll() is None, f"the job ended before {target} pages were committed"
@@ -131,7 +132,7 @@ def test_sigkill_at_a_random_point_of_the_work_then_resume(tmp_path, corpus, ref
         kill_group(proc, out)
     at_kill = committed_rows(out)
     assert 0 < at_kill < total and not (out / "stats.json").exists(), (at_kill, total)
-    run_launch(args, nproc=2)
+    run_launch(args, nproc=2, env=slow)
     assert page_texts(out) == reference
     stats = json.loads((out / "stats.json").read_text())
     assert stats["pages_resumed"] >= at_kill - stats["duplicate_rows_removed"]
@@ -143,7 +144,7 @@ def test_sigkill_at_a_random_point_of_the_work_then_resume(tmp_path, corpus, ref
 def test_killed_during_commit_or_manifest_build(tmp_path, corpus, reference, point):
     out = tmp_path / "out"
     args = ["--input", str(corpus), "--output", str(out), *FAKE]
-    proc = start(args, nproc=2, env={"NOUGAT_DIST_FAULT": point})
+    proc = start(args, nproc=2, env={**FAKE_MODEL, **faults.env(point)})
     try:
         proc.wait(timeout=120)
     finally:
@@ -153,7 +154,7 @@ def test_killed_during_commit_or_manifest_build(tmp_path, corpus, reference, poi
         assert list((out / "pages").glob(".tmp-*")), "the fault should leave a half-done commit"
     else:
         assert not (out / "manifest.parquet").exists()
-    run_launch(args, nproc=2)
+    run_launch(args, nproc=2, env=FAKE_MODEL)
     assert page_texts(out) == reference
     assert not list(out.rglob(".tmp-*"))
 
@@ -162,10 +163,10 @@ def test_killed_during_commit_or_manifest_build(tmp_path, corpus, reference, poi
 def test_a_rank_whose_peer_died_commits_its_pages_on_the_stop(tmp_path, corpus, reference):
     out = tmp_path / "out"
     # No periodic commits: whatever reaches pages/ after the kill was committed by the stop.
-    args = ["--input", str(corpus), "--output", str(out), "--test-fake-model", "delay=0.2",
-            "--unit-pages", "2", "--commit-pages", "100000", "--commit-seconds", "100000",
-            "--device", "cpu"]
-    proc = start(args, nproc=2)
+    args = ["--input", str(corpus), "--output", str(out), "--unit-pages", "2",
+            "--commit-pages", "100000", "--commit-seconds", "100000", "--device", "cpu"]
+    slow = fake_model.env("delay=0.2")
+    proc = start(args, nproc=2, env=slow)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -183,15 +184,16 @@ def test_a_rank_whose_peer_died_commits_its_pages_on_the_stop(tmp_path, corpus, 
         assert len(committed) >= 4 and set(committed["rank"]) == {0}
     finally:
         kill_group(proc, out)
-    run_launch(args, nproc=2)
+    run_launch(args, nproc=2, env=slow)
     assert page_texts(out) == reference
 
 
 def test_sigterm_stops_within_a_batch_and_resumes(tmp_path, corpus, reference):
     out = tmp_path / "out"
-    args = ["--input", str(corpus), "--output", str(out), "--test-fake-model", "delay=0.3",
-            "--unit-pages", "2", "--commit-pages", "4", "--batch-size", "2", "--device", "cpu"]
-    proc = start(args, nproc=0)
+    args = ["--input", str(corpus), "--output", str(out), "--unit-pages", "2",
+            "--commit-pages", "4", "--batch-size", "2", "--device", "cpu"]
+    slow = fake_model.env("delay=0.3")
+    proc = start(args, nproc=0, env=slow)
     deadline = time.time() + 120
     while not list((out / "pages").glob("part-*.parquet")) and time.time() < deadline:
         time.sleep(0.2)
@@ -205,7 +207,7 @@ def test_sigterm_stops_within_a_batch_and_resumes(tmp_path, corpus, reference):
     done = len(pd.read_parquet(out / "pages"))
     assert 0 < done < len(reference)
     print(f"stopped {stopped_in:.2f}s after SIGTERM")
-    run_launch(args)
+    run_launch(args, env=slow)
     texts = page_texts(out)
     assert set(texts) == set(reference)
     assert json.loads((out / "stats.json").read_text())["pages_resumed"] == done
@@ -213,8 +215,8 @@ def test_sigterm_stops_within_a_batch_and_resumes(tmp_path, corpus, reference):
 
 def test_injected_oom_halves_the_batch_and_output_is_unchanged(tmp_path, corpus, reference):
     out = tmp_path / "out"
-    run_launch(["--input", str(corpus), "--output", str(out), "--test-fake-model",
-                "delay=0.01,oom_above=1", "--unit-pages", "2", "--batch-size", "4", "--device", "cpu"])
+    run_launch(["--input", str(corpus), "--output", str(out), "--unit-pages", "2",
+                "--batch-size", "4", "--device", "cpu"], env=fake_model.env("delay=0.01,oom_above=1"))
     assert page_texts(out) == reference
     stats = json.loads((out / "stats.json").read_text())
     assert sum(r["oom_retries"] for r in stats["per_rank"]) > 0

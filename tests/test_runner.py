@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nougat_dist.ocr.model import FakeModel, is_oom, page_results
+from nougat_dist.ocr.model import is_oom, page_results
+from testing.fake_model import FakeModel
 
 
 def _out(preds, repeats):

@@ -26,6 +26,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from testing import fake_model
+
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "slurm" / "ocr.sbatch"
 SLURM_PACKAGES = ["slurm-wlm", "slurmctld", "slurmd", "slurm-client"]
@@ -292,8 +294,8 @@ def job_env(pdf_dir: Path, out: Path, *, delay: float | None = None,
             checkpoint: Path | None = None) -> dict[str, str]:
     """The job's settings, passed by environment as a user would. With `delay`, a fake model (a
     sleep per page) that paces the job so a stop lands mid-run; with `checkpoint`, a real one."""
-    model = f"--test-fake-model delay={delay} " if delay is not None else ""
     return {
+        **(fake_model.env(f"delay={delay}") if delay is not None else {}),
         "INPUT": str(pdf_dir),
         "OUTPUT": str(out),
         "GPUS_PER_NODE": "2",
@@ -301,7 +303,7 @@ def job_env(pdf_dir: Path, out: Path, *, delay: float | None = None,
         "PYTHON": sys.executable,
         **({"CHECKPOINT": str(checkpoint)} if checkpoint is not None else {}),
         # Small chunks make commits frequent so that the stop lands between them.
-        "EXTRA_ARGS": model + "--num-workers 1 --batch-size 2 --commit-pages 4 --commit-seconds 1",
+        "EXTRA_ARGS": "--num-workers 1 --batch-size 2 --commit-pages 4 --commit-seconds 1",
     }
 
 

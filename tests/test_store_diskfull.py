@@ -6,6 +6,7 @@ and EDQUOT alike."""
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -16,16 +17,18 @@ import pandas as pd
 
 from conftest import ROOT, rows, run_launch, stats
 from nougat_dist.store.layout import OutputDir
+from testing import fake_model
 from testing.samples import write_long_pdf
 
-FAKE = ["--test-fake-model", "delay=0", "--device", "cpu", "--num-workers", "0"]
+FAKE = ["--device", "cpu", "--num-workers", "0"]
+FAKE_MODEL = fake_model.env("delay=0")
 
 
 def test_no_space_keeps_every_committed_page_and_says_what_to_do(tmp_path: Path) -> None:
     inp, out = tmp_path / "in", tmp_path / "out"
     write_long_pdf(inp / "a.pdf", 3, seed=1)
     args = ["--input", str(inp), "--output", str(out), *FAKE, "--commit-pages", "1000"]
-    run_launch(args)
+    run_launch(args, env=FAKE_MODEL)
     before = rows(out)
     layout = OutputDir(out)
     chunks = {p.name: p.read_bytes() for p in layout.pages.iterdir()}
@@ -38,7 +41,8 @@ def test_no_space_keeps_every_committed_page_and_says_what_to_do(tmp_path: Path)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     full = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
-                          preexec_fn=limited, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, **FAKE_MODEL}, preexec_fn=limited,
+                          capture_output=True, text=True, timeout=300)
     assert full.returncode == 2, full.stderr[-3000:]
     assert "no space to write" in full.stderr and "run the same command again" in full.stderr
     assert "Traceback" not in full.stderr
@@ -46,7 +50,7 @@ def test_no_space_keeps_every_committed_page_and_says_what_to_do(tmp_path: Path)
     assert rows(out) == before
     assert {p.name: p.read_bytes() for p in layout.pages.iterdir()} == chunks
     assert not list(out.rglob(".tmp-*"))
-    run_launch(args)  # room again: the same command finishes the job
+    run_launch(args, env=FAKE_MODEL)  # room again: the same command finishes the job
     after = rows(out)
     assert len(after) == 43 and {k: after[k] for k in before} == before
     assert stats(out)["pages_this_run"] == 40

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import rows, run_launch, stats
 from nougat_dist.__main__ import main as stage_main
@@ -20,10 +21,16 @@ from nougat_dist.store import manifest
 from nougat_dist.store.chunks import PAGES_SCHEMA, atomic_write_table
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.status import collect
+from testing import fake_model, faults
 from testing.samples import write_long_pdf
 
-FAKE = ["--test-fake-model", "delay=0", "--device", "cpu", "--num-workers", "0",
-        "--unit-pages", "2"]
+FAKE = ["--device", "cpu", "--num-workers", "0", "--unit-pages", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _fake_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every job this module launches runs the fake model."""
+    monkeypatch.setenv(fake_model.MODEL_ENV, fake_model.value("delay=0"))
 
 
 def _job(tmp_path: Path, docs: dict[str, tuple[int, int]]) -> tuple[Path, Path, list[str]]:
@@ -183,7 +190,7 @@ def test_plan_writes_nothing_and_stale_derived_outputs_are_removed(tmp_path: Pat
     assert "8 in total, 0 already committed, 8 to do" in plan  # --discard-committed
 
     # Killed at its first commit: the pages change, the job does not finish.
-    killed = run_launch(args, check=False, env={"NOUGAT_DIST_FAULT": "commit:1"})
+    killed = run_launch(args, check=False, env=faults.env("commit:1"))
     assert killed.returncode != 0
     assert len(pd.read_parquet(layout.pages)) == 2  # b's; a's old rows set aside, none new yet
     left = [p.name for p in layout.derived() if p.exists()]

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, run_launch
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.lease import Lease, LeaseHeld, job_id_from_env
+from testing import fake_model
 from testing.samples import write_long_pdf
 
 
@@ -91,10 +92,9 @@ def test_two_jobs_on_one_output(tmp_path: Path) -> None:
     write_long_pdf(tmp_path / "in" / "book.pdf", 4)
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "in"), "--output", str(out), "--device", "cpu",
-            "--test-fake-model", "delay=6", "--unit-pages", "1", "--commit-pages", "1",
-            "--batch-size", "1",
-            "--num-workers", "0"]
+            "--unit-pages", "1", "--commit-pages", "1", "--batch-size", "1", "--num-workers", "0"]
     first = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                             env={**os.environ, **fake_model.env("delay=6")},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         lease = OutputDir(out).lease

@@ -19,9 +19,11 @@ from nougat_dist.sched.plan import _reconcile_committed
 from nougat_dist.store import index
 from nougat_dist.store.chunks import PAGES_SCHEMA
 from nougat_dist.store.layout import OutputDir
+from testing import fake_model
 from testing.samples import write_long_pdf
 
-FAKE = ["--test-fake-model", "delay=0", "--device", "cpu", "--num-workers", "0"]
+FAKE = ["--device", "cpu", "--num-workers", "0"]
+FAKE_MODEL = fake_model.env("delay=0")
 
 
 def _commit(out: Path, model: str, dtype: str, pages=(1, 2)) -> None:
@@ -58,7 +60,7 @@ def test_launcher_exits_2_naming_both_models(tmp_path: Path) -> None:
     write_long_pdf(tmp_path / "in" / "a.pdf", 2)
     out = tmp_path / "out"
     _commit(out, "other@0123456789ab", "bfloat16")
-    r = run_launch(["--input", str(tmp_path / "in"), "--output", str(out), *FAKE], check=False)
+    r = run_launch(["--input", str(tmp_path / "in"), "--output", str(out), *FAKE], check=False, env=FAKE_MODEL)
     assert r.returncode == 2
     assert "other@0123456789ab (bfloat16)" in r.stderr and "fake (none)" in r.stderr
 
@@ -71,11 +73,11 @@ def test_retry_after_password(tmp_path: Path) -> None:
     assert zipfile.ZipFile(tmp_path / "in" / "p.zip").infolist()[0].flag_bits & 1
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "in"), "--output", str(out), *FAKE]
-    run_launch(args, env={"NOUGAT_DIST_ARCHIVE_PASSWORD": ""})
+    run_launch(args, env={**FAKE_MODEL, "NOUGAT_DIST_ARCHIVE_PASSWORD": ""})
     assert set(pd.read_parquet(out / "pages").status) == {"error"}
-    again = run_launch(["--plan", *args], env={"NOUGAT_DIST_ARCHIVE_PASSWORD": "s3cret"})
+    again = run_launch(["--plan", *args], env={**FAKE_MODEL, "NOUGAT_DIST_ARCHIVE_PASSWORD": "s3cret"})
     assert "failed rows     1 " in again.stdout
-    run_launch([*args, "--retry-failed"], env={"NOUGAT_DIST_ARCHIVE_PASSWORD": "s3cret"})
+    run_launch([*args, "--retry-failed"], env={**FAKE_MODEL, "NOUGAT_DIST_ARCHIVE_PASSWORD": "s3cret"})
     pages = pd.read_parquet(out / "pages")
     assert sorted(pages.page) == [1, 2, 3] and set(pages.status) == {"ok"}
     docs = pd.read_parquet(OutputDir(out).documents)

@@ -15,10 +15,11 @@ from nougat_dist.store import finalize, index
 from nougat_dist.store import attempts
 from nougat_dist.store.chunks import PAGES_SCHEMA, ChunkWriter, chunk_name, chunk_seq
 from nougat_dist.store.layout import OutputDir
+from testing import fake_model, faults
 from testing.samples import write_long_pdf
 
-FAKE = ["--test-fake-model", "delay=0.01", "--device", "cpu", "--num-workers", "0",
-        "--commit-seconds", "600"]
+FAKE = ["--device", "cpu", "--num-workers", "0", "--commit-seconds", "600"]
+FAKE_MODEL = fake_model.env("delay=0.01")
 
 
 def _pages(out: Path) -> dict:
@@ -41,17 +42,18 @@ def test_unit_pages_batch_size_and_world_size_change_mid_job(tmp_path: Path) -> 
     write_long_pdf(tmp_path / "in" / "book.pdf", 12)
     base = ["--input", str(tmp_path / "in"), *FAKE]
     ref = tmp_path / "ref"
-    run_launch([*base, "--output", str(ref)])
+    run_launch([*base, "--output", str(ref)], env=FAKE_MODEL)
     out = tmp_path / "out"
     # 1 rank, units of 3, killed at its second commit: the first unit (pages 1-3) is committed.
     first = run_launch([*base, "--output", str(out), "--unit-pages", "3", "--commit-pages", "3",
-                        "--batch-size", "2"], check=False, env={"NOUGAT_DIST_FAULT": "commit:2"})
+                        "--batch-size", "2"], check=False, env={**FAKE_MODEL, **faults.env("commit:2")})
     assert first.returncode != 0
     committed = index.committed_pages(out)
     n_committed = sum(len(v) for v in committed.values())
     assert 0 < n_committed < 12, f"the kill did not land inside the work: {n_committed} pages"
     # 2 ranks, units of 2, another batch size: unit 3-4 is half done and only page 4 is redone.
-    run_launch([*base, "--output", str(out), "--unit-pages", "2", "--batch-size", "3"], nproc=2)
+    run_launch([*base, "--output", str(out), "--unit-pages", "2", "--batch-size", "3"], nproc=2,
+               env=FAKE_MODEL)
     stats = json.loads(OutputDir(out).stats.read_text())
     assert stats["pages_this_run"] == 12 - n_committed
     assert stats["pages_resumed"] == n_committed

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from testing import fake_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], cwd: Path, timeout: float = 300,
+         extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["OMP_NUM_THREADS"] = "1"
+    env.update(extra_env or {})
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -74,10 +78,14 @@ def test_wheel_commands_and_a_two_rank_job(installed: Path, sample_pdfs: list[Pa
     script = _run([exe, "slurm-script"], cwd=tmp_path).stdout
     assert script.startswith("#!") and f"else PYTHON={installed / 'python'}; fi" in script
     out = tmp_path / "out"
+    # The fake model from a copy of the checkout's testing/ package alone: the job imports it
+    # through the model hook, and nougat_dist still only from the wheel.
+    support = tmp_path / "support"
+    shutil.copytree(ROOT / "testing", support / "testing", ignore=shutil.ignore_patterns("__pycache__"))
     _run([str(installed / "python"), "-m", "torch.distributed.run", "--standalone",
           "--nproc_per_node=2", "--no-python", exe, "run", "--input", str(sample_pdfs[0].parent),
-          "--output", str(out), "--device", "cpu", "--num-workers", "0",
-          "--test-fake-model", "delay=0"], cwd=tmp_path)
+          "--output", str(out), "--device", "cpu", "--num-workers", "0"], cwd=tmp_path,
+         extra_env={"PYTHONPATH": str(support), **fake_model.env("delay=0")})
     stats = json.loads((out / "stats.json").read_text())
     assert stats["world_size"] == 2 and stats["pages_by_status"], stats
     assert stats["versions"]["nougat-dist"] == "0.1.0"

@@ -8,11 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from nougat_dist import faults
 from nougat_dist.config import Config
 from nougat_dist.errors import SetupError
 from nougat_dist.inputs.sources import discover
-from nougat_dist.ocr.model import FakeModel
 from nougat_dist.ocr.render import EncoderInput
 from nougat_dist.sched.plan import Plan, decide_plan, unit_weights
 from nougat_dist.sched.queue import ClaimQueue, RankStatus
@@ -20,6 +18,8 @@ from nougat_dist.sched.steal import plan_steals
 from nougat_dist.store import manifest
 from nougat_dist.store.chunks import PAGES_DIR, ChunkWriter, chunk_units
 from nougat_dist.worker import Worker
+from testing import faults
+from testing.fake_model import FakeModel
 
 
 class OneRankRounds:
@@ -88,8 +88,7 @@ def make_worker(plan: Plan, out: Path, rank: int, rounds: object, *, delay: floa
                 commit_pages: int = 1, model: object | None = None,
                 render_timeout: float = 20) -> Worker:
     cfg = Config(input=["x"], output=str(out), num_workers=num_workers, batch_size=batch_size,
-                 commit_pages=commit_pages, render_timeout=render_timeout,
-                 test_fake_model="delay=0")
+                 commit_pages=commit_pages, render_timeout=render_timeout)
     writer = ChunkWriter(out, rank, commit_pages, commit_seconds=3600)
     m = model if model is not None else FakeModel(f"delay={delay}", rank)
     return Worker(cfg, plan, rank=rank, world_size=len(plan.queues), load=lambda: m,
@@ -181,7 +180,7 @@ def test_render_crash_costs_only_the_guilty_page(sample_pdfs, tmp_path, monkeypa
     out = tmp_path / "out"
     plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
     guilty = sample_pdfs[0].name
-    monkeypatch.setenv("NOUGAT_DIST_FAULT", f"render-crash:{guilty}:2")
+    monkeypatch.setenv(faults.ENV, faults.value(f"render-crash:{guilty}:2"))
     w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1)
     assert w.run() is False
     rows = committed(out)
@@ -262,7 +261,7 @@ def test_render_worker_death_anywhere_in_the_loop_costs_only_its_page(
     # whichever point the loop is at, and never in the batch at the model when the gate opens.
     guilty = order[3]
     name = Path(plan.docs[guilty[0]].source).name
-    monkeypatch.setenv(faults.ENV, f"{kind}:{name}:{guilty[1]}")
+    monkeypatch.setenv(faults.ENV, faults.value(f"{kind}:{name}:{guilty[1]}"))
     monkeypatch.setenv(faults.GATE_ENV, str(tmp_path / "gate"))
     fault = FaultAt(tmp_path / "gate", point)
     model = HookedModel(0.3, fault)

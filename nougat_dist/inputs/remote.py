@@ -17,222 +17,55 @@ A remote input is named by a *spec* string, which is also its `Source.source`:
   only after the size (Content-Length / Content-Range) and the optional sha256 check out, so the
   cache never holds a partial or corrupt file, and two processes fetching the same URL at once
   each write their own part and the second rename replaces identical bytes.
-* A dropped connection resumes with an HTTP Range request (a ranged object read) from the part's length; the part of a
-  process that died is adopted by the next one, so a killed run resumes big downloads too.
+* A dropped connection resumes with an HTTP Range request (a ranged object read) from the part's
+  length; the part of a process that died is adopted by the next one, so a killed run resumes big
+  downloads too.
 * Only transient failures are retried, with exponential backoff that honours Retry-After:
   connection reset/refused/timeout and HTTP 429, 500, 502, 503, 504. Anything else (404, 403, a
   checksum or size mismatch) raises `DownloadError` at once. It is an OSError, so the manifest
   turns it into an error row ("cannot read file: HTTP 404 Not Found: <url>") and the job goes on.
+
+This module is the downloader (locks, retries, verification, the rename); specs.py and hub.py
+read the specs, cache.py lays out the cache and its part files, http.py does one HTTP transfer.
 """
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
-import http.client
 import logging
 import os
-import re
-import socket
-import ssl
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterable
 
 from nougat_dist.inputs import objstore
+from nougat_dist.inputs.cache import (CACHE_ENV, STALE_PART_SECONDS, adopt_stale_part,
+                                      cache_dir_from_env, cached_path, file_size, part_path,
+                                      sha256_file)
+from nougat_dist.inputs.http import TRANSIENT_STATUS, DownloadError, Transient, get_into, opener
+from nougat_dist.inputs.hub import HfRef, expand_hf, hf_resolve, parse_hf
+from nougat_dist.inputs.specs import (check, expand, is_hf, is_listing, is_remote, is_url,
+                                      remote_name, split_checksum, with_checksum)
 from nougat_dist.store.chunks import fsync_dir
+
+# A remote input is named, then fetched: sources.py, manifest.py and the tests read the spec
+# functions, the cache's and the Hub's names here, beside the downloader.
+__all__ = ["CACHE_ENV", "CHUNK_BYTES", "STALE_PART_SECONDS", "TRANSIENT_STATUS", "WORKERS_ENV",
+           "DownloadError", "Downloader", "HfRef", "cache_dir_from_env", "check", "default",
+           "expand", "expand_hf", "fetch", "is_hf", "is_listing", "is_remote", "is_url",
+           "parse_hf", "remote_name", "sha256_file", "split_checksum", "with_checksum",
+           "workers_from_env"]
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "NOUGAT_DIST_CACHE"
 WORKERS_ENV = "NOUGAT_DIST_DOWNLOAD_WORKERS"
 DEFAULT_WORKERS = 4
-#: HTTP statuses worth retrying: overload and gateway hiccups. 404/403/401/410 never heal by waiting.
-TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 CHUNK_BYTES = 1 << 20
-# A part file untouched this long, written by another host, belongs to a dead download.
-STALE_PART_SECONDS = 600.0
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-_CHECKSUM_FRAGMENT = "#sha256="
-_USER_AGENT = "nougat-dist/0.1 (+urllib)"
 # Locks are striped by URL hash instead of kept per URL: a job may see millions of URLs, and a
 # rare collision only costs some parallelism.
 _N_STRIPES = 256
-# A TLS connection cut mid-body raises SSLEOFError, not ConnectionResetError: the same event.
-_CONNECTION_LOST = (ConnectionError, TimeoutError, ssl.SSLEOFError, http.client.HTTPException)
-
-
-class DownloadError(OSError):
-    """A remote file cannot be fetched and retrying will not help. The message says why."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying; retry_after is the server's Retry-After in seconds, if any."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-# --- specs ---------------------------------------------------------------------------------------
-
-def is_url(spec: str) -> bool:
-    """An http:// or https:// spec."""
-    return spec.lower().startswith(("http://", "https://"))
-
-
-def is_hf(spec: str) -> bool:
-    """An hf:// spec (a Hugging Face Hub repo file or glob)."""
-    return spec.lower().startswith("hf://")
-
-
-def is_remote(spec: str) -> bool:
-    """Whether a source string names a remote file rather than a local path."""
-    return is_url(spec) or is_hf(spec) or objstore.is_objstore(spec)
-
-
-def is_listing(spec: str) -> bool:
-    """Whether a remote spec names many files (an hf:// or object-store glob or prefix) that
-    `expand` lists, rather than one file."""
-    if is_hf(spec):
-        # A bare repo (no path) counts as a glob over all of it.
-        return bool(set("*?[") & set(parse_hf(spec).path or "*"))
-    return objstore.is_objstore(spec) and objstore.is_listing(spec)
-
-
-def expand(spec: str) -> list[str]:
-    """The file specs a listing spec matches (`expand_hf` for the Hub, `objstore.expand` else).
-
-    Raises OSError (store, Hub or network errors) or ValueError (malformed spec, missing package).
-    """
-    return expand_hf(spec) if is_hf(spec) else objstore.expand(spec)
-
-
-def check(spec: str) -> None:
-    """Raise ValueError now if spec cannot be fetched by anything installed (an object-store
-    protocol whose package is missing): a setup error, not an error row per document."""
-    if objstore.is_objstore(spec):
-        objstore.check(split_checksum(spec)[0])
-
-
-def split_checksum(spec: str) -> tuple[str, str | None]:
-    """``URL#sha256=HEX`` → (URL, lower-case HEX); other specs → (spec, None).
-
-    Raises ValueError for a malformed checksum, so a typo is caught when the input is read.
-    """
-    i = spec.find(_CHECKSUM_FRAGMENT)
-    if i < 0:
-        return spec, None
-    url, sha = spec[:i], spec[i + len(_CHECKSUM_FRAGMENT):]
-    if not _SHA256_RE.match(sha):
-        raise ValueError(f"not a sha256 (64 hex digits) in {spec!r}")
-    return url, sha.lower()
-
-
-def with_checksum(url: str, sha256: str | None) -> str:
-    """The spec that downloads url and verifies it against sha256 (if given)."""
-    if sha256 is None:
-        return url
-    if not _SHA256_RE.match(sha256):
-        raise ValueError(f"not a sha256 (64 hex digits): {sha256!r}")
-    return f"{url}{_CHECKSUM_FRAGMENT}{sha256.lower()}"
-
-
-def remote_name(spec: str) -> str:
-    """The file name a spec ends in (for telling PDFs from archives), without query or checksum."""
-    url, _ = split_checksum(spec)
-    if is_hf(url):
-        return PurePosixPath(parse_hf(url).path).name
-    if objstore.is_objstore(url):
-        # Object keys are not percent-encoded: a key may hold '%' or '?' literally.
-        return PurePosixPath(url.split("://", 1)[1]).name
-    path = urllib.parse.urlsplit(url).path
-    return urllib.parse.unquote(PurePosixPath(path).name)
-
-
-@dataclass(frozen=True)
-class HfRef:
-    """A parsed hf:// spec. path is a glob before `expand_hf`, a file path after."""
-
-    repo_type: str  # "dataset" | "model" | "space"
-    repo_id: str
-    revision: str | None
-    path: str
-
-    def spec(self, path: str, revision: str | None) -> str:
-        prefix = {"dataset": "datasets/", "space": "spaces/"}.get(self.repo_type, "")
-        rev = f"@{revision}" if revision else ""
-        return f"hf://{prefix}{self.repo_id}{rev}/{path}"
-
-
-def parse_hf(spec: str) -> HfRef:
-    """Parse ``hf://[datasets/|spaces/]OWNER/REPO[@REV][/PATH-OR-GLOB]``.
-
-    Raises ValueError with the expected form when the spec is malformed.
-    """
-    parts = spec[len("hf://"):].split("/")
-    repo_type = "model"
-    if parts and parts[0] in ("datasets", "spaces", "models"):
-        repo_type = {"datasets": "dataset", "spaces": "space", "models": "model"}[parts.pop(0)]
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise ValueError(f"expected hf://datasets/OWNER/REPO[@REV]/GLOB or hf://OWNER/REPO[@REV]/GLOB, "
-                         f"got {spec!r}")
-    repo, _, revision = parts[1].partition("@")
-    return HfRef(repo_type, f"{parts[0]}/{repo}", revision or None, "/".join(parts[2:]))
-
-
-def expand_hf(spec: str) -> list[str]:
-    """The file specs of a Hub repo matching a glob, pinned to the commit the revision points at.
-
-    Pinning means every rank, every render worker and a resumed run read the same bytes even if
-    the repo gets new commits meanwhile. The glob is matched with fnmatch against paths in the
-    repo (``*`` crosses folders); an empty glob matches every file. Raises OSError (Hub or network
-    errors from huggingface_hub) or ValueError (a malformed spec or repo id).
-    """
-    import fnmatch
-
-    import huggingface_hub
-
-    ref = parse_hf(spec)
-    info = huggingface_hub.repo_info(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision)
-    commit = getattr(info, "sha", None) or ref.revision
-    files = huggingface_hub.list_repo_files(ref.repo_id, repo_type=ref.repo_type, revision=commit)
-    pattern = ref.path or "*"
-    return [ref.spec(f, commit) for f in sorted(files) if fnmatch.fnmatchcase(f, pattern)]
-
-
-def _hf_resolve(spec: str) -> tuple[str, dict[str, str]]:
-    """The resolve URL of one Hub file, and the auth header for the Hub host (if a token is set).
-
-    Hub files go through the same downloader as plain URLs, so they get the same cache, resume and
-    retry rules; the endpoint is read at call time so HF_ENDPOINT (a mirror) is honoured.
-    """
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    ref = parse_hf(spec)
-    if not ref.path or set("*?[") & set(ref.path):
-        raise DownloadError(f"{spec}: not a single Hub file (expand the glob with expand_hf first)")
-    prefix = {"dataset": "datasets/", "space": "spaces/"}.get(ref.repo_type, "")
-    rev = urllib.parse.quote(ref.revision or "main", safe="")
-    url = f"{constants.ENDPOINT.rstrip('/')}/{prefix}{ref.repo_id}/resolve/{rev}/{urllib.parse.quote(ref.path)}"
-    token = huggingface_hub.get_token()
-    return url, ({"Authorization": f"Bearer {token}"} if token else {})
-
-
-# --- configuration from the environment ----------------------------------------------------------
-
-def cache_dir_from_env() -> Path:
-    """$NOUGAT_DIST_CACHE, or ~/.cache/nougat-dist/downloads."""
-    raw = os.environ.get(CACHE_ENV)
-    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "nougat-dist" / "downloads"
 
 
 def workers_from_env() -> int:
@@ -247,75 +80,6 @@ def workers_from_env() -> int:
     if n < 1:
         raise ValueError(f"{WORKERS_ENV} must be a positive integer, got {raw!r}")
     return n
-
-
-# --- HTTP helpers --------------------------------------------------------------------------------
-
-class _NoAuthAcrossHosts(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, but drop Authorization when the host changes.
-
-    The Hub redirects LFS files to a CDN with a signed URL; urllib would forward the user's token
-    there, which it must never see.
-    """
-
-    def redirect_request(self, req: urllib.request.Request, fp, code: int, msg: str,  # type: ignore[override]
-                         headers, newurl: str) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-            new.remove_header("Authorization")
-        return new
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """(first byte, total size) from ``bytes A-B/TOTAL`` or ``bytes */TOTAL``; None where unknown."""
-    m = re.match(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", value or "")
-    if not m:
-        return None, None
-    first = int(m.group(1)) if m.group(1) is not None else None
-    total = int(m.group(2)) if m.group(2) != "*" else None
-    return first, total
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (books can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 # --- the downloader ------------------------------------------------------------------------------
@@ -345,16 +109,11 @@ class Downloader:
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir)
-        self._opener = urllib.request.build_opener(_NoAuthAcrossHosts())
+        self._opener = opener()
 
     def cached_path(self, url: str) -> Path:
-        """Where url's bytes live once downloaded: <cache>/<2 hex>/<32 hex>-<file name>.
-
-        The name keeps the URL's file name so archive types are still recognised by suffix.
-        """
-        key = hashlib.sha256(url.encode()).hexdigest()
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", remote_name(url))[-120:] or "download"
-        return self.cache_dir / key[:2] / f"{key[:32]}-{name}"
+        """Where url's bytes live once downloaded (see cache.cached_path)."""
+        return cached_path(self.cache_dir, url)
 
     def fetch(self, spec: str) -> Path:
         """A local path holding the complete, verified bytes of spec; downloads on a cache miss.
@@ -365,7 +124,7 @@ class Downloader:
         url, sha = split_checksum(spec)
         headers: dict[str, str] = {}
         if is_hf(url):
-            url, headers = _hf_resolve(url)
+            url, headers = hf_resolve(url)
         elif not is_url(url) and not objstore.is_objstore(url):
             raise DownloadError(f"not a remote spec: {spec!r}")
         with self._failed_lock:
@@ -417,54 +176,21 @@ class Downloader:
     # --- one file --------------------------------------------------------------------------------
 
     def _part_path(self, final: Path) -> Path:
-        # host-pid makes the name unique across processes (and nodes sharing the cache); threads
-        # of one process never download the same URL at once (stripe lock).
-        host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
-        return final.with_name(f"{final.name}.{host}-{os.getpid()}.part")
-
-    def _adopt_stale_part(self, final: Path, part: Path) -> None:
-        """Take over the longest part file a dead process left behind, so its bytes are resumed."""
-        host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
-        best: tuple[int, Path] | None = None
-        for p in final.parent.glob(f"{final.name}.*.part"):
-            if p == part:
-                continue
-            m = re.fullmatch(re.escape(final.name) + r"\.(.+)-(\d+)\.part", p.name)
-            if m is None:
-                continue
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            if m.group(1) == host:
-                stale = not _pid_alive(int(m.group(2)))
-            else:
-                stale = time.time() - st.st_mtime > STALE_PART_SECONDS
-            if stale and st.st_size > _size(part) and (best is None or st.st_size > best[0]):
-                best = (st.st_size, p)
-        if best is None:
-            return
-        try:
-            # rename is atomic: if two processes race for the same stale part, one gets it and the
-            # other gets FileNotFoundError and starts from what it has.
-            os.replace(best[1], part)
-            log.info("resuming %s from %d bytes left by an earlier run", final.name, best[0])
-        except FileNotFoundError:
-            pass
+        return part_path(final)
 
     def _download(self, url: str, final: Path, sha: str | None, headers: dict[str, str]) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         part = self._part_path(final)
-        self._adopt_stale_part(final, part)
+        adopt_stale_part(final, part)
         failures = 0
         while True:
-            before = _size(part)
+            before = file_size(part)
             try:
                 self._attempt(url, part, headers)
                 break
-            except _Transient as t:
+            except Transient as t:
                 # Progress resets the count: only attempts that got nowhere use up retries.
-                failures = 1 if _size(part) > before else failures + 1
+                failures = 1 if file_size(part) > before else failures + 1
                 if failures > self.retries:
                     # The part stays: its bytes are good, and the next run adopts and resumes it.
                     log.warning("%s: giving up after %d retries: %s", url, self.retries, t)
@@ -488,72 +214,15 @@ class Downloader:
     def _attempt(self, url: str, part: Path, headers: dict[str, str]) -> None:
         """One HTTP request (or object read), appending to part. Returns when part holds the
         whole file."""
-        if objstore.is_objstore(url):
-            try:
-                objstore.append_to(url, part, CHUNK_BYTES)
-            except objstore.Transient as e:
-                raise _Transient(str(e)) from e
-            except objstore.Permanent as e:
-                raise DownloadError(f"{url}: {e}") from e
+        if not objstore.is_objstore(url):
+            get_into(self._opener, url, part, file_size(part), headers, self.timeout, CHUNK_BYTES)
             return
-        have = _size(part)
-        req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT,
-                                                   "Accept-Encoding": "identity", **headers})
-        if have:
-            req.add_header("Range", f"bytes={have}-")
         try:
-            resp = self._opener.open(req, timeout=self.timeout)
-        except urllib.error.HTTPError as e:
-            with e:
-                if e.code == 416 and have:
-                    # The part already has every byte (a run died between download and rename),
-                    # or is longer than the file now is: keep the first, restart the second.
-                    _, total = _content_range(e.headers.get("Content-Range"))
-                    if total == have:
-                        return
-                    part.unlink(missing_ok=True)
-                    raise _Transient(f"range {have}- not satisfiable; restarting from byte 0", 0.0) from e
-                if e.code in TRANSIENT_STATUS:
-                    raise _Transient(f"HTTP {e.code} {e.reason}", _retry_after(e.headers.get("Retry-After"))) from e
-                raise DownloadError(f"HTTP {e.code} {e.reason}: {url}") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, _CONNECTION_LOST):
-                raise _Transient(f"cannot connect: {e.reason}") from e
-            raise DownloadError(f"cannot fetch {url}: {e.reason}") from e
-        except _CONNECTION_LOST as e:
-            raise _Transient(f"connection failed: {e!r}") from e
-
-        with resp:
-            if resp.status == 206:
-                first, total = _content_range(resp.headers.get("Content-Range"))
-                if first != have:
-                    part.unlink(missing_ok=True)
-                    raise _Transient(f"server answered range {have}- from byte {first}; restarting", 0.0)
-                offset = have
-            elif resp.status == 200:
-                # A fresh download, or a server that ignores Range: start over either way.
-                offset = 0
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-            else:
-                raise DownloadError(f"unexpected HTTP {resp.status} {resp.reason}: {url}")
-            with open(part, "r+b" if offset else "wb") as f:
-                f.seek(offset)
-                f.truncate()
-                try:
-                    while chunk := resp.read(CHUNK_BYTES):
-                        f.write(chunk)
-                except _CONNECTION_LOST as e:
-                    raise _Transient(f"connection lost after {f.tell()} bytes: {e!r}") from e
-                finally:
-                    # Whatever arrived is kept for the resume, and must be on disk before a rename.
-                    f.flush()
-                    os.fsync(f.fileno())
-                size = f.tell()
-        if total is not None and size < total:
-            raise _Transient(f"connection closed after {size} of {total} bytes")
-        if total is not None and size > total:
-            raise DownloadError(f"{url}: received {size} bytes, more than the {total} announced")
+            objstore.append_to(url, part, CHUNK_BYTES)
+        except objstore.Transient as e:
+            raise Transient(str(e)) from e
+        except objstore.Permanent as e:
+            raise DownloadError(f"{url}: {e}") from e
 
 
 _default: Downloader | None = None

@@ -5,20 +5,65 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
+
+from nougat_dist import hooks
+from nougat_dist.errors import SetupError
 
 log = logging.getLogger(__name__)
 
 
 class PageModel(Protocol):
-    """The part of NougatModel the runner uses (a fake model implements the same contract)."""
+    """The part of NougatModel a rank uses (an injected model implements the same contract)."""
 
     def inference(self, image_tensors: torch.Tensor, early_stopping: bool = True) -> dict[str, Any]: ...
+
+
+#: The hook (hooks.py) that puts another model in Nougat's place: the tests' fake model.
+MODEL_ENV = "NOUGAT_DIST_MODEL"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model a rank runs: the name its rows record, the input its render workers prepare
+    (known before it loads), and how to load it."""
+
+    model_id: str
+    dtype: str
+    input_size: list[int]
+    align_long_axis: bool
+    load: Callable[[int, torch.device], PageModel]  # (rank, device) -> model
+    #: Whether the rank divides CPU cores between this model and its render workers (CpuThreads);
+    #: a model that computes nothing on the CPU leaves the thread count alone.
+    cpu_threads: bool = True
+
+
+def injected_model() -> ModelSource | None:
+    """The model $NOUGAT_DIST_MODEL puts in Nougat's place, or None. It needs no checkpoint."""
+    source = hooks.from_env(MODEL_ENV)
+    if source is not None and not isinstance(source, ModelSource):
+        raise SetupError(f"${MODEL_ENV} made a {type(source).__name__}, not a ModelSource")
+    return source
+
+
+def dtype_name(full_precision: bool) -> str:
+    """The dtype a Nougat model runs in, as page rows record it."""
+    return "float32" if full_precision else "bfloat16"
+
+
+def model_source(checkpoint: str, full_precision: bool) -> ModelSource:
+    """The injected model if there is one, else Nougat from `checkpoint` as the nougat CLI loads it."""
+    injected = injected_model()
+    if injected is not None:
+        return injected
+    path = Path(checkpoint)
+    input_size, align = encoder_input_spec(path)
+    return ModelSource(checkpoint_name(path), dtype_name(full_precision), input_size, align,
+                       load=lambda rank, device: load_model(path, device, full_precision))
 
 
 class CheckpointError(RuntimeError):
@@ -39,7 +84,7 @@ def resolve_checkpoint(checkpoint: str | None, model_tag: str) -> Path:
         return Path(checkpoint)
     try:
         path = Path(get_checkpoint(checkpoint, model_tag=model_tag))
-    except Exception as e:  # requests/urllib/OS errors all mean the same thing to the user here
+    except OSError as e:  # requests' and urllib's errors are OSErrors: offline, refused, 404
         raise CheckpointError(
             f"checkpoint not found at {checkpoint or '(default location)'} and downloading nougat "
             f"model {model_tag!r} failed ({type(e).__name__}: {e}). Pass --checkpoint DIR with a "
@@ -127,35 +172,6 @@ def page_results(output: dict[str, Any], pages: list[int], *, markdown: bool, sk
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-class FakeModel:
-    """Testing only: honours NougatModel.inference's contract with a sleep per page.
-
-    Spec string (from --test-fake-model): comma-separated `key=value`, e.g.
-    `delay=0.05,delay_rank1=0.5,oom_above=2`. `oom_above=N` raises the error the CUDA allocator
-    raises for any batch larger than N pages. Text is derived from the input pixels, so it is
-    page-dependent.
-    """
-
-    def __init__(self, spec: str, rank: int) -> None:
-        opts = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
-        self.delay = float(opts.get(f"delay_rank{rank}", opts.get("delay", "0")))
-        self.oom_above = int(opts.get("oom_above", "0"))
-
-    def inference(self, image_tensors: torch.Tensor, early_stopping: bool = True) -> dict[str, Any]:
-        n = len(image_tensors)
-        if self.oom_above and n > self.oom_above:
-            raise torch.cuda.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate {n} GiB (injected by the fake model)")
-        time.sleep(self.delay * n)
-        # A digest of the pixels: page-dependent, and unlike a float sum the same whatever the
-        # number of threads torch reduces with.
-        preds = []
-        for t in image_tensors:
-            digest = hashlib.sha256(t.float().contiguous().cpu().numpy().tobytes()).hexdigest()
-            preds.append(f"fake page {digest[:16]}\n\n")
-        return {"predictions": preds, "repeats": [None] * n, "sequences": None, "repetitions": []}
 
 
 #: Rendering that needs at most this share of one core to keep pace with the model is ignored

@@ -1,120 +1,43 @@
 """Rendering pages into model input tensors, in DataLoader workers, one page at a time.
 
-Rendering matches nougat's `rasterize_paper` (pypdfium2 at 96 dpi) pixel for pixel, and the tensor
-comes from nougat's own `SwinEncoder.prepare_input(img, random_padding=False)`; only the whole-
-document-at-once loading is replaced by streaming single pages, and the margin crop inside
-prepare_input by `crop_margin` below, which finds the same box three times faster
-(tests/test_raster.py holds the two to the same tensors).
+Only nougat's whole-document-at-once loading is replaced: pages stream one at a time, in the order
+the live scheduler claims them (`LiveBatchSampler`), each under a timer in its worker. The page
+itself is rendered as nougat does (raster.py); the workers are watched and stopped by
+render_workers.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing as mp
-import os
 import signal
 import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import pypdfium2
 import torch
-from nougat.model import SwinEncoder
-from nougat.transforms import test_transform
 from PIL import Image
 
 from nougat_dist import faults
-from nougat_dist.errors import SetupError
-from nougat_dist.ocr.predict import predict_page
+from nougat_dist.ocr.raster import (NOUGAT_DPI, EncoderInput, crop_margin, kept_levels,
+                                    render_and_predict, render_page, set_max_page_pixels)
+from nougat_dist.ocr.render_workers import (RenderWatch, check_shm, close_loader, dead_workers,
+                                            death_reason, discard_workers, is_poll_timeout,
+                                            pin_thread_alive, shm_free, shm_needed)
 from nougat_dist.store.manifest import DocEntry
 from nougat_dist.inputs.sources import Source, pdf_input
 
+# The rank's loop (worker.py), the self test and the tests read the raster and worker names here,
+# beside the dataset and loader they go with.
+__all__ = ["NOUGAT_DPI", "POLL_S", "Batch", "EncoderInput", "LiveBatchSampler", "PageDataset",
+           "PageItem", "RenderWatch", "check_shm", "close_loader", "collate", "crop_margin",
+           "dead_workers", "death_reason", "discard_workers", "is_poll_timeout", "iterate",
+           "kept_levels", "make_loader", "pin_thread_alive", "render_page", "set_max_page_pixels",
+           "shm_free", "shm_needed"]
+
 log = logging.getLogger(__name__)
-
-NOUGAT_DPI = 96
-MAX_PIXELS_ENV = "NOUGAT_DIST_MAX_PAGE_PIXELS"
-DEFAULT_MAX_PAGE_PIXELS = 40_000_000
-
-
-def set_max_page_pixels(limit: int) -> None:
-    """Set the page raster cap for this process and its render workers (any start method)."""
-    os.environ[MAX_PIXELS_ENV] = str(int(limit))
-
-
-def check_page_size(p: pypdfium2.PdfPage, page: int) -> None:
-    """Raise ValueError for a page whose 96 dpi raster would exceed the cap, before rendering:
-    pdfium allocates the whole bitmap at once (a 20000 pt square page is 711 million pixels)."""
-    limit = int(os.environ.get(MAX_PIXELS_ENV) or DEFAULT_MAX_PAGE_PIXELS)
-    w_pt, h_pt = p.get_size()
-    w, h = round(w_pt * NOUGAT_DPI / 72), round(h_pt * NOUGAT_DPI / 72)
-    if w * h > limit:
-        raise ValueError(f"page {page} is {w_pt:g} x {h_pt:g} pt, a {w} x {h} px raster at "
-                         f"{NOUGAT_DPI} dpi, above --max-page-pixels {limit}: not rendered")
-
-
-def kept_levels(lo: int, hi: int) -> np.ndarray:
-    """For each grey level 0..255 of a page whose darkest pixel is `lo` and lightest `hi` (lo < hi),
-    whether nougat's margin crop counts it as ink: the very expression nougat evaluates per pixel,
-    `(data - min) / (max - min) * 255 < 200` on uint8 data, evaluated once per level."""
-    lo8, hi8 = np.uint8(lo), np.uint8(hi)
-    # Levels below the darkest never occur; clamping keeps the uint8 subtraction from wrapping.
-    levels = np.maximum(np.arange(256, dtype=np.uint8), lo8)
-    return (levels - lo8) / (hi8 - lo8) * 255 < 200
-
-
-def crop_margin(img: Image.Image) -> Image.Image:
-    """`SwinEncoder.crop_margin`, the same box in a third of the time.
-
-    nougat greys the page, stretches it to 0..255 by its darkest and lightest pixel in float64,
-    keeps the pixels below 200 and crops to their bounding box (OpenCV). Whether a pixel is kept
-    depends on its grey level alone, so the test runs once per level (`kept_levels`), and PIL
-    applies that table and finds the box in C.
-    """
-    gray = img.convert("L")
-    lo, hi = gray.getextrema()
-    if lo == hi:
-        return img
-    table = (kept_levels(lo, hi) * 255).astype(np.uint8).tolist()
-    return img.crop(gray.point(table).getbbox())
-
-
-class EncoderInput:
-    """Carries exactly the attributes `SwinEncoder.prepare_input` reads, so DataLoader workers run
-    nougat's own preprocessing code without holding (or forking) the model weights."""
-
-    crop_margin = staticmethod(crop_margin)
-
-    def __init__(self, input_size: Sequence[int], align_long_axis: bool) -> None:
-        self.input_size = list(input_size)
-        self.align_long_axis = align_long_axis
-        self.to_tensor = test_transform  # what an eval-mode SwinEncoder uses
-
-    def __call__(self, img: Image.Image) -> torch.Tensor | None:
-        return SwinEncoder.prepare_input(self, img, random_padding=False)
-
-
-def render_page(doc: pypdfium2.PdfDocument, page: int) -> Image.Image:
-    """Render 1-based page at nougat's resolution."""
-    p = doc[page - 1]
-    try:
-        check_page_size(p, page)
-        return p.render(scale=NOUGAT_DPI / 72).to_pil()
-    finally:
-        p.close()
-
-
-def render_and_predict(doc: pypdfium2.PdfDocument, page: int) -> tuple[Image.Image, float]:
-    """Render 1-based page at nougat's resolution, with its predicted decode length (tokens)."""
-    p = doc[page - 1]
-    try:
-        check_page_size(p, page)
-        img = p.render(scale=NOUGAT_DPI / 72).to_pil()
-        return img, predict_page(p, img).tokens
-    finally:
-        p.close()
 
 
 @dataclass
@@ -127,38 +50,6 @@ class PageItem:
     error: str | None
     elapsed_ms: float = 0.0
     predicted_tokens: float = 0.0  # ocr/predict.py, for length-aware batching
-
-
-class RenderWatch:
-    """Which page each render worker is on, in memory shared with the workers.
-
-    A worker writes the page's key before it renders and clears it after; when a worker dies (a
-    crash in pdfium, or killed by its own page timer), the rank reads here which page it died on,
-    so that page alone becomes an error row. Allocated before the workers fork, so they share it.
-    """
-
-    IDLE = -1
-
-    def __init__(self, num_workers: int) -> None:
-        self._slots = mp.RawArray("q", 2 * max(num_workers, 1))
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every worker's page (the rank does this before starting fresh workers)."""
-        for i in range(len(self._slots)):
-            self._slots[i] = self.IDLE
-
-    def begin(self, worker_id: int, key: tuple[int, int]) -> None:
-        self._slots[2 * worker_id + 1] = key[1]
-        self._slots[2 * worker_id] = key[0]
-
-    def end(self, worker_id: int) -> None:
-        self._slots[2 * worker_id] = self.IDLE
-
-    def current(self, worker_id: int) -> tuple[int, int] | None:
-        """The page worker `worker_id` was rendering, or None if it was between pages."""
-        doc = self._slots[2 * worker_id]
-        return None if doc == self.IDLE else (doc, self._slots[2 * worker_id + 1])
 
 
 class PageDataset(torch.utils.data.Dataset):
@@ -209,7 +100,7 @@ class PageDataset(torch.utils.data.Dataset):
         info = torch.utils.data.get_worker_info()
         if info is None:  # rendering in the rank itself (--num-workers 0): no timer, no watch
             return self._render(key)
-        faults.gate_render(Path(entry.member or entry.source).name, page)
+        faults.hit("render-start", name=Path(entry.member or entry.source).name, page=page)
         if self.watch is not None:
             self.watch.begin(info.id, key)
         if self.page_timeout > 0:
@@ -224,7 +115,7 @@ class PageDataset(torch.utils.data.Dataset):
     def _render(self, key: tuple[int, int]) -> PageItem:
         doc, page = key
         entry = self.docs[doc]
-        faults.hit_render(Path(entry.member or entry.source).name, page)
+        faults.hit("render", name=Path(entry.member or entry.source).name, page=page)
         t0 = time.perf_counter()
         try:
             pdf = self._document(doc)
@@ -314,40 +205,6 @@ class LiveBatchSampler:
             yield batch
 
 
-SHM_PATH = "/dev/shm"
-
-
-def shm_needed(input_size: Sequence[int], batch_size: int, num_workers: int, prefetch_factor: int,
-               ranks_on_node: int = 1) -> int:
-    """Bytes of /dev/shm the render workers of this node hold at once: each worker hands back its
-    prefetched batches (float32 page tensors, 3 x H x W) through shared memory."""
-    page = 3 * input_size[0] * input_size[1] * 4
-    return page * batch_size * num_workers * prefetch_factor * ranks_on_node
-
-
-def shm_free(path: str = SHM_PATH) -> int | None:
-    """Free bytes in the shared-memory file system, or None where there is none to check."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def check_shm(needed: int, free: int | None, num_workers: int, prefetch_factor: int) -> None:
-    """Fail at start, with what to change, instead of workers dying mid-job (Docker's default
-    /dev/shm is 64 MB; one batch at nougat's real input size is hundreds)."""
-    if free is None or num_workers == 0 or needed <= free:
-        return
-    mib = 2 ** 20
-    raise SetupError(
-        f"{SHM_PATH} has {free / mib:.0f} MiB free but the render workers of this node will hold "
-        f"about {needed / mib:.0f} MiB in it ({num_workers} worker(s) x prefetch {prefetch_factor} "
-        "batches per rank). In Docker run with --ipc=host or --shm-size=<more> (e.g. "
-        f"--shm-size={max(1, -(-needed * 2 // 2**30))}g); or lower --num-workers / "
-        "--prefetch-factor / --batch-size.")
-
-
 #: How long the rank waits for a rendered batch before it gets on with other work (a status
 #: round, a stop request) and looks again. It is also how soon a dead render worker is noticed.
 POLL_S = 1.0
@@ -384,78 +241,3 @@ def iterate(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
         if callable(handler) and getattr(handler, "__module__", "") == signal_handling.__name__:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return iter(loader)
-
-
-def is_poll_timeout(e: RuntimeError) -> bool:
-    """Whether `next()` on a loader made with `poll_s` only ran out of patience (no batch yet)."""
-    return str(e).startswith("DataLoader timed out after")
-
-
-def pin_thread_alive(it: object) -> bool:
-    """Whether the pin-memory thread of iterator `it` runs (True where it has none)."""
-    thread = getattr(it, "_pin_memory_thread", None)
-    return thread is None or thread.is_alive()
-
-
-def dead_workers(it: object, wait_s: float = 0.0) -> list[tuple[int, int | None]]:
-    """(worker id, exit code) of each render worker of iterator `it` that is no longer alive,
-    waiting up to `wait_s` seconds for one to be."""
-    workers = list(getattr(it, "_workers", []))
-    deadline = time.monotonic() + wait_s
-    while True:
-        dead = [(i, w.exitcode) for i, w in enumerate(workers) if not w.is_alive()]
-        if dead or not workers or time.monotonic() >= deadline:
-            return dead
-        time.sleep(0.05)
-
-
-def death_reason(page: int, exitcode: int | None, page_timeout: float) -> str:
-    """The error of the page a render worker died on, from how it died."""
-    if exitcode == -signal.SIGALRM:
-        return f"page {page}: rendering did not finish within {page_timeout:g}s (render worker stopped)"
-    how = (f"killed by {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
-           else f"exit code {exitcode}")
-    return f"page {page}: the renderer crashed ({how})"
-
-
-def discard_workers(it: object) -> None:
-    """Kill every worker of a failed DataLoader iterator (others may be hung inside pdfium).
-
-    This reaches into DataLoader internals on purpose: the workers ignore SIGTERM (see
-    _worker_init), so DataLoader's own terminate() cannot stop a hung one.
-    """
-    from torch.utils.data._utils import signal_handling
-
-    if getattr(it, "_worker_pids_set", False):
-        signal_handling._remove_worker_pids(id(it))
-        it._worker_pids_set = False  # type: ignore[attr-defined]
-    workers = list(getattr(it, "_workers", []))
-    for w in workers:
-        if w.is_alive():
-            w.kill()
-    for w in workers:
-        w.join(5)
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
-def close_loader(loader: torch.utils.data.DataLoader) -> None:
-    """Stop a loader's persistent workers now instead of whenever its iterator is collected.
-
-    A worker still alive at interpreter exit blocks the process for good: multiprocessing's exit
-    handler sends daemon children SIGTERM, which the workers ignore (see _worker_init), then joins
-    them. DataLoader stops its workers when the iterator is collected, and a reference cycle or
-    gc.freeze() can put that off past the exit. A worker that does not stop within DataLoader's
-    grace period (one hung in pdfium) is killed.
-    """
-    it = getattr(loader, "_iterator", None)
-    if it is None:
-        return
-    loader._iterator = None  # type: ignore[attr-defined]
-    workers = list(getattr(it, "_workers", []))
-    it._shutdown_workers()
-    for w in workers:
-        if w.is_alive():
-            w.kill()
-            w.join(5)

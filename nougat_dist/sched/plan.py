@@ -19,7 +19,7 @@ from nougat_dist.config import Config
 from nougat_dist.dist import DistInfo
 from nougat_dist.errors import SetupError
 from nougat_dist.inputs.sources import InputError, discover, prefetch
-from nougat_dist.ocr.model import checkpoint_name, resolve_checkpoint
+from nougat_dist.ocr.model import checkpoint_name, dtype_name, injected_model, resolve_checkpoint
 from nougat_dist.ocr.nltk_words import ensure_nltk_words
 from nougat_dist.sched.steal import assign
 from nougat_dist.store import attempts
@@ -125,9 +125,10 @@ def _todo_units(done: dict[str, np.ndarray], docs: Sequence[DocEntry],
 
 def run_model_id(cfg: Config, ckpt: str) -> tuple[str, str]:
     """The (model, dtype) this run writes on its rows."""
-    if cfg.test_fake_model is not None:
-        return "fake", "none"
-    return checkpoint_name(Path(ckpt)), "float32" if cfg.full_precision else "bfloat16"
+    injected = injected_model()
+    if injected is not None:
+        return injected.model_id, injected.dtype
+    return checkpoint_name(Path(ckpt)), dtype_name(cfg.full_precision)
 
 
 def _reconcile_committed(cfg: Config, out: Path, ckpt: str) -> int:
@@ -182,7 +183,7 @@ def _prepare(cfg: Config, out: Path, plan_only: bool) -> tuple[_Start, list, str
     sources = discover(cfg.input)
     if not sources:
         raise SetupError("the inputs contain no PDF files: " + " ".join(cfg.input))
-    needs_model = cfg.test_fake_model is None and not plan_only
+    needs_model = injected_model() is None and not plan_only
     ckpt = str(resolve_checkpoint(cfg.checkpoint, cfg.model)) if needs_model else ""
     nltk_ok = ensure_nltk_words() if needs_model else True
     moved = 0

@@ -22,8 +22,6 @@ from nougat_dist.store.layout import PAGES_DIR, TMP_PREFIX  # noqa: F401 (re-exp
 
 log = logging.getLogger(__name__)
 
-PAGE_STATUSES = ("ok", "empty", "fail", "render_error", "error")
-
 PAGES_SCHEMA = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
