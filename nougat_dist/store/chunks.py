@@ -38,6 +38,11 @@ PAGES_SCHEMA = pa.schema([
     pa.field("rank", pa.int16(), nullable=False),
     pa.field("model", pa.string(), nullable=False),
     pa.field("dtype", pa.string(), nullable=False),
+    # Provenance: the run (one launch of the job, see provenance.new_run_id) that OCR'd the page,
+    # and when. Null in chunks written before they were recorded (readers pass this schema, which
+    # reads a missing column as nulls).
+    pa.field("run_id", pa.string()),
+    pa.field("ocr_at", pa.timestamp("ms", tz="UTC")),
 ])
 
 DOCUMENTS_SCHEMA = pa.schema([
