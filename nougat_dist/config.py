@@ -47,6 +47,7 @@ class Config:
     finalize_memory: int = 1024 * 2**20  # = store.finalize.DEFAULT_MEMORY_BUDGET
     log_level: str = "INFO"
     test_fake_model: str | None = None
+    absolute_source: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
@@ -144,6 +145,11 @@ FIELD_HELP: dict[str, str] = {
     "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
     "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",
     "test_fake_model": argparse.SUPPRESS,  # testing only: see runner.FakeModel
+    "absolute_source": "Store each document's `source` as its absolute local path (or full URL) "
+    "instead of relative to the --input it was found under (a directory given: the path inside "
+    "it; a file, glob or list file: the path from its folder; a URL or bucket/Hub listing: the "
+    "path after its prefix). The relative form keeps /home/... paths out of an uploaded "
+    "dataset; manifest.parquet's `location` always has the path read.",
 }
 
 _NEGATED = {"markdown": "--no-markdown", "skipping": "--no-skipping", "steal": "--no-steal"}

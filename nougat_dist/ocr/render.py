@@ -30,7 +30,7 @@ from nougat_dist import faults
 from nougat_dist.errors import SetupError
 from nougat_dist.ocr.predict import predict_page
 from nougat_dist.store.manifest import DocEntry
-from nougat_dist.inputs.sources import Source, pdf_input
+from nougat_dist.inputs.sources import pdf_input
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,7 @@ class PageDataset(torch.utils.data.Dataset):
         if self._open_doc is not None and self._open_doc[0] == doc:
             return self._open_doc[1]
         self.close()
-        e = self.docs[doc]
-        src = Source(e.source, e.member)
-        pdf = pypdfium2.PdfDocument(pdf_input(src))
+        pdf = pypdfium2.PdfDocument(pdf_input(self.docs[doc].to_source()))
         self._open_doc = (doc, pdf)
         return pdf
 

@@ -200,7 +200,8 @@ def _prepare(cfg: Config, out: Path, plan_only: bool) -> tuple[_Start, list, str
     # --discard-committed starts from the inputs alone: rows of inputs no longer given go too.
     old = None if cfg.discard_committed else manifest.load(out)
     changes = manifest.diff_inputs(old, sources, recheck=cfg.rebuild_manifest,
-                                   recheck_errors=cfg.retry_failed)
+                                   recheck_errors=cfg.retry_failed,
+                                   absolute_source=cfg.absolute_source)
     to_inspect = [sources[i] for i in changes.to_inspect]
     return _Start(old, changes, moved), to_inspect, ckpt, nltk_ok
 
@@ -226,7 +227,8 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
     parts: list[Any] = [[]]
     if to_inspect:
         prefetch(to_inspect[info.rank::info.world_size])
-        mine = manifest.build_entries(to_inspect, info.rank, info.world_size)
+        mine = manifest.build_entries(to_inspect, info.rank, info.world_size,
+                                      cfg.absolute_source)
         if info.distributed:
             parts = [None] * info.world_size
             dist.all_gather_object(parts, mine, group=info.control_group)
