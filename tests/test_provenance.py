@@ -157,6 +157,8 @@ def test_pdf_metadata_and_page_geometry_in_the_manifest(sample_pdfs: list[Path],
     pdf.add_page(orientation="L")
     path = tmp_path / "meta.pdf"
     pdf.output(str(path))
+    assert b"/Rotate" not in path.read_bytes()  # read without pypdf: no page is rotated
+    assert inspect(Source(str(path))).page_rotation == [0, 0]
     # A rotated third page, written by pypdf.
     import pypdf
 
