@@ -55,7 +55,9 @@ def test_run_ids_in_rows_and_stats_across_a_resume(sample_pdfs: list[Path], tmp_
     these columns (simulated by dropping them) are still read: their pages count under run null."""
     out = tmp_path / "out"
     first, second = sample_pdfs[0], sample_pdfs[1]
-    run_launch(["--input", str(first), "--output", str(out), "--test-fake-model", "delay=0"])
+    # Two ranks, one page per unit: both commit pages, under the one run id rank 0 made.
+    run_launch(["--input", str(first), "--output", str(out), "--test-fake-model", "delay=0",
+                "--unit-pages", "1", "--device", "cpu"], nproc=2)
     s1 = json.loads((out / "stats.json").read_text())
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", s1["run_id"])
     for key in ("started_at", "finished_at"):
@@ -63,6 +65,7 @@ def test_run_ids_in_rows_and_stats_across_a_resume(sample_pdfs: list[Path], tmp_
     assert s1["started_at"] <= s1["finished_at"]
     pages1 = read_pages(out)
     assert pages1.num_rows > 0 and set(pages1["run_id"].to_pylist()) == {s1["run_id"]}
+    assert set(pages1["rank"].to_pylist()) == {0, 1}
     assert pages1["ocr_at"].null_count == 0
     assert [r["run_id"] for r in s1["runs"]] == [s1["run_id"]]
     assert s1["runs"][0]["pages"] == pages1.num_rows

@@ -155,7 +155,7 @@ def describe_pdf_error(data: bytes, exc: Exception) -> str:
     return f"pdfium cannot open this PDF ({exc})"
 
 
-def _unreadable(src: Source, kind: str, reason: str, names: tuple[str, str | None, str],
+def _unreadable(kind: str, reason: str, names: tuple[str, str | None, str],
                 stamp: tuple) -> "DocEntry":
     from nougat_dist.store.manifest import DocEntry
 
@@ -176,15 +176,15 @@ def inspect(src: Source, absolute_source: bool = False) -> "DocEntry":
     if not (is_utf8(src.source) and is_utf8(src.member)):
         # The dataset stores names as text: the row keeps the name with its odd bytes escaped,
         # and says what to do, instead of failing the whole job when the manifest is written.
-        return _unreadable(src, "badname", "file name is not valid UTF-8 (its other bytes are "
+        return _unreadable("badname", "file name is not valid UTF-8 (its other bytes are "
                            "shown as \\xNN): rename the file to UTF-8 (e.g. with convmv) to "
                            "include it", names, stamp)
     try:
         data = read_bytes(src)
     except FileNotFoundError:
-        return _unreadable(src, "missing", "file not found", names, stamp)
+        return _unreadable("missing", "file not found", names, stamp)
     except OSError as e:
-        return _unreadable(src, "unreadable", f"cannot read file: {e}", names, stamp)
+        return _unreadable("unreadable", f"cannot read file: {e}", names, stamp)
     digest = hashlib.sha256(data).hexdigest()
     n_pages, error, meta = 0, None, {}
     if not data:

@@ -18,21 +18,19 @@ import dataclasses
 import glob
 import logging
 import os
-import posixpath
 import stat
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from nougat_dist.inputs import archives
+from nougat_dist.inputs import archives, naming
 from nougat_dist.inputs import remote as download
 
 log = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".lst", ".list", ".urls")
 #: Archive members that are documents (tests widen it to read other archives' text members).
 MEMBER_SUFFIXES: tuple[str, ...] = (".pdf",)
-_GLOB_CHARS = set("*?[")
+_GLOB_CHARS = naming.GLOB_CHARS
 
 
 class InputError(ValueError):
@@ -65,40 +63,10 @@ class Source:
         or the URL, instead."""
         if download.is_remote(self.source):
             url = download.split_checksum(self.source)[0]
-            return printable_name(url if absolute else _relative(_remote_path(url), self.root))
+            return printable_name(url if absolute else naming.relative(naming.remote_path(url), self.root))
         if absolute:
             return printable_name(os.path.abspath(self.source))
-        return printable_name(_relative(os.path.abspath(self.source), self.root, local=True))
-
-
-def _remote_path(url: str) -> str:
-    """The path part of a remote spec: a Hub repo's file path, a bucket's key, a URL's path."""
-    if download.is_hf(url):
-        return download.parse_hf(url).path
-    if "://" in url and not download.is_url(url):  # s3://bucket/key and the like
-        return url.split("://", 1)[1].partition("/")[2]
-    return urllib.parse.unquote(urllib.parse.urlsplit(url).path).lstrip("/")
-
-
-def _relative(path: str, root: str | None, local: bool = False) -> str:
-    """path from root when it lies under it, else its last component (never a path upwards)."""
-    flavor = os.path if local else posixpath
-    if root is not None:
-        base = os.path.abspath(root) if local else root.strip("/")
-        rel = flavor.relpath(path, base) if base or local else path
-        if not rel.startswith(".."):
-            return rel
-    return flavor.basename(path)
-
-
-def _root_of(pattern: str, local: bool) -> str:
-    """The folder a file, glob or prefix names: everything before the component holding the
-    first glob character (a prefix ending in / is its own folder)."""
-    cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=len(pattern))
-    head = pattern[:cut]
-    if not local:
-        return head[:head.rfind("/") + 1]
-    return head if cut < len(pattern) and head.endswith(os.sep) else os.path.dirname(head) or "."
+        return printable_name(naming.relative(os.path.abspath(self.source), self.root, local=True))
 
 
 def _rooted(sources: list[Source], root: str | None) -> list[Source]:
@@ -240,7 +208,7 @@ def _read_list_file(path: Path) -> list[Source]:
 
 def _remote_root(spec: str) -> str:
     """The prefix a remote input's sources are named from (see `Source.stored_source`)."""
-    return _root_of(_remote_path(download.split_checksum(spec)[0]), local=False)
+    return naming.root_of(naming.remote_path(download.split_checksum(spec)[0]), local=False)
 
 
 def _is_hf_glob(spec: str) -> bool:
@@ -342,9 +310,9 @@ def _local_sources(raw: str) -> list[Source] | None:
         return _rooted(_walk_dir(p), raw)
     if p.is_file():
         found = _read_list_file(p) if p.suffix.lower() in LIST_SUFFIXES else _file_sources(p)
-        return found if p.suffix.lower() in LIST_SUFFIXES else _rooted(found, _root_of(raw, True))
+        return found if p.suffix.lower() in LIST_SUFFIXES else _rooted(found, naming.root_of(raw, True))
     if p.exists() and not _GLOB_CHARS & set(raw):
-        return [Source(raw, root=_root_of(raw, True))]  # a FIFO or device: an error row says why
+        return [Source(raw, root=naming.root_of(raw, True))]  # a FIFO or device: an error row says why
     if not _GLOB_CHARS & set(raw):
         return None
     matches = sorted(glob.glob(raw, recursive=True))
@@ -357,7 +325,7 @@ def _local_sources(raw: str) -> list[Source] | None:
             found.extend(_walk_dir(mp))
         elif mp.is_file():
             found.extend(_file_sources(mp))
-    return _rooted(found, _root_of(raw, True))
+    return _rooted(found, naming.root_of(raw, True))
 
 
 def read_bytes(src: Source) -> bytes:
