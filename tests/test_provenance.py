@@ -144,6 +144,13 @@ def test_an_earlier_releases_output_resumes_without_redoing_anything(
     assert sorted(read_documents(out)["source"].to_pylist()) == sorted(m["source"].to_pylist())
     assert [r["run_id"] for r in s["runs"]] == [None]  # every page is the earlier release's
 
+    # --absolute-source renames them back to the absolute paths, still without redoing a page.
+    run_launch([*args, "--absolute-source"])
+    assert json.loads((out / "stats.json").read_text())["pages_this_run"] == 0
+    m = pq.read_table(out / "manifest.parquet")
+    assert m["source"].to_pylist() == m["location"].to_pylist()
+    assert sorted(read_documents(out)["source"].to_pylist()) == sorted(m["location"].to_pylist())
+
 
 def test_pdf_metadata_and_page_geometry_in_the_manifest(sample_pdfs: list[Path],
                                                         tmp_path: Path) -> None:
@@ -180,7 +187,22 @@ def test_pdf_metadata_and_page_geometry_in_the_manifest(sample_pdfs: list[Path],
     assert table["pdf"].to_pylist()[0]["producer"] in ("maker 1.0", "pypdf")
 
 
-def test_odd_pdf_dates_and_text_become_null_or_replaced() -> None:
+def test_odd_pdf_dates_and_text_become_null_or_replaced(sample_pdfs: list[Path],
+                                                        tmp_path: Path) -> None:
+    import pypdf
+    from pypdf.generic import ByteStringObject, NameObject, TextStringObject
+
+    w = pypdf.PdfWriter(clone_from=pypdf.PdfReader(sample_pdfs[0]))
+    # A UTF-16 title with a lone surrogate, and a date that is not one.
+    w.add_metadata({"/Title": ByteStringObject(b"\xfe\xff\xd8\x00\x00A"),
+                    "/CreationDate": TextStringObject("D:20241399"),
+                    NameObject("/ModDate"): TextStringObject("last tuesday")})
+    odd = tmp_path / "odd.pdf"
+    w.write(str(odd))
+    e = inspect(Source(str(odd)))
+    assert e.error is None and e.n_pages > 0
+    assert e.pdf["title"].endswith("A") and e.pdf["created"] is None and e.pdf["modified"] is None
+    to_table([e])  # stored as valid text
     assert pdf_date("D:20240102030405+05'30'") == "2024-01-02T03:04:05+05:30"
     assert pdf_date("D:2024") == "2024-01-01T00:00:00"
     assert pdf_date("D:20241399999999") is None and pdf_date("yesterday") is None

@@ -12,6 +12,7 @@ that can hold a /Rotate key (pdfium would parse every page's content, ~0.5-1 ms 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import io
@@ -20,6 +21,7 @@ import re
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import pypdfium2
+import pypdfium2.raw as pdfium_c
 
 from nougat_dist import faults
 from nougat_dist.inputs.sources import Source, file_stamp, is_utf8, read_bytes, shown_name
@@ -68,13 +70,20 @@ def _text(value: str) -> str | None:
     return value or None
 
 
+def _meta_text(doc: pypdfium2.PdfDocument, key: str) -> str:
+    """One Info entry as pdfium decodes it (UTF-16), a broken surrogate replaced instead of
+    failing the whole value (pypdfium2's get_metadata_value decodes strictly)."""
+    name = (key + "\x00").encode("ascii")
+    n = pdfium_c.FPDF_GetMetaText(doc, name, None, 0)
+    buf = ctypes.create_string_buffer(n)
+    pdfium_c.FPDF_GetMetaText(doc, name, buf, n)
+    return buf.raw[:max(n - 2, 0)].decode("utf-16-le", "replace")
+
+
 def _info(doc: pypdfium2.PdfDocument) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, key in {**INFO_KEYS, **DATE_KEYS}.items():
-        try:
-            raw = doc.get_metadata_value(key)
-        except UnicodeDecodeError:  # pdfium hands UTF-16; a broken string is odd bytes
-            raw = ""
+        raw = _meta_text(doc, key)
         out[name] = (pdf_date(raw) if raw else None) if name in DATE_KEYS else _text(raw)
     return out
 
