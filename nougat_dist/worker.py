@@ -27,6 +27,7 @@ from nougat_dist.ocr.render import (POLL_S, Batch, EncoderInput, LiveBatchSample
                                     RenderWatch, check_shm, close_loader, dead_workers,
                                     death_reason, discard_workers, is_poll_timeout, iterate,
                                     make_loader, pin_thread_alive, shm_free, shm_needed)
+from nougat_dist.provenance import run_fields
 from nougat_dist.sched.queue import ClaimQueue
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, plan_steals,
@@ -34,7 +35,6 @@ from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, 
 from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
 from nougat_dist.store import report as store_report
-from nougat_dist.provenance import run_fields
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
 from nougat_dist.store.index import chunk_paths
 from nougat_dist.store.layout import OutputDir

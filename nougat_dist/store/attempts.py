@@ -199,7 +199,8 @@ def _attempt_row(key: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
     start, end = min(r["start"] for r in rs), max(r["end"] for r in rs)
     exits = sorted({r["exit"] for r in rs})
     return {
-        "attempt": key, "run_id": rs[0].get("run_id"), "start": _iso(start), "end": _iso(end), "wall_s": round(end - start, 3),
+        "attempt": key, "run_id": rs[0].get("run_id"),  # None: recorded before run ids
+        "start": _iso(start), "end": _iso(end), "wall_s": round(end - start, 3),
         "pages": sum(r["_pages"] for r in rs), "ranks": len(rs),
         "world_size": max(r["world_size"] for r in rs),
         "gpu_ranks": sum(1 for r in rs if str(r["device"]).startswith("cuda")),

@@ -88,7 +88,8 @@ class DocEntry:
         return Source(self.location or self.source, self.member)
 
 
-def to_table(entries: Iterable[DocEntry], columns: Sequence[str] = MANIFEST_SCHEMA.names) -> pa.Table:
+def to_table(entries: Iterable[DocEntry],
+             columns: Sequence[str] = MANIFEST_SCHEMA.names) -> pa.Table:
     """Manifest rows as a table of `columns` (every column by default)."""
     rows = list(entries)
     data = {name: [getattr(e, name) for e in rows] for name in columns}
