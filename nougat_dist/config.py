@@ -49,6 +49,7 @@ class Config:
     post_repo: str = ""
     overlap_post: bool = False
     post_every: float = 30.0
+    absolute_source: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
@@ -170,6 +171,11 @@ FIELD_HELP: dict[str, str] = {
     "publishes the rest. A background process of rank 0 at low priority; a crash or a stop "
     "resumes each stage where it was.",
     "post_every": "Seconds between two increments of --overlap-post.",
+    "absolute_source": "Store each document's `source` as its absolute local path (or full URL) "
+    "instead of relative to the --input it was found under (a directory given: the path inside "
+    "it; a file, glob or list file: the path from its folder; a URL or bucket/Hub listing: the "
+    "path after its prefix). The relative form keeps /home/... paths out of an uploaded "
+    "dataset; manifest.parquet's `location` always has the path read.",
 }
 
 _NEGATED = {"markdown": "--no-markdown", "skipping": "--no-skipping", "steal": "--no-steal"}

@@ -26,6 +26,7 @@ from nougat_dist.ocr.render import (POLL_S, Batch, EncoderInput, LiveBatchSample
                                     RenderWatch, check_shm, close_loader, dead_workers,
                                     death_reason, discard_workers, is_poll_timeout, iterate,
                                     make_loader, pin_thread_alive, shm_free, shm_needed)
+from nougat_dist.provenance import run_fields
 from nougat_dist.sched.queue import ClaimQueue
 from nougat_dist.stages import overlap
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
@@ -35,6 +36,7 @@ from nougat_dist.store import attempts
 from nougat_dist.store import finalize as gather
 from nougat_dist.store import report as store_report
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
+from nougat_dist.store.index import chunk_paths
 from nougat_dist.store.layout import OutputDir
 from nougat_dist.store.status import STATUS_EVERY_S, STATUS_FILE, write_live_status
 
@@ -290,7 +292,7 @@ class Worker:
             model_ms = per_page_ms if result is not None else 0.0
             row = page_row(self.plan.docs[d], page, rank=self.rank, model_id=self.model_id,
                            dtype=self.dtype_name, result=result, error=batch.errors.get(i),
-                           elapsed_ms=batch.render_ms[i] + model_ms)
+                           elapsed_ms=batch.render_ms[i] + model_ms, run_id=self.plan.run_id)
             if row["status"] != "ok":
                 stats.failures[row["status"]] = stats.failures.get(row["status"], 0) + 1
             self.writer.add(self.queue.finish(key), row)
@@ -451,6 +453,7 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
     final = gather.finalize(out, cfg.finalize_memory, plan.entries)
     counts = final.pages_by_status
     run = _run_stats(parts, info.world_size)
+    history = attempts.summarize(out, attempts.current_attempt() or "")
     result = {
         "complete": True,
         "documents": final.documents,
@@ -463,7 +466,9 @@ def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: C
         # Σ page tokens / Σ (batch size x batch decode steps), from the committed page rows
         "decode": gather.decode_efficiency(out),
         **run,
-        **attempts.summarize(out, attempts.current_attempt() or ""),
+        **history,
+        # this run's id, start and end, and every run whose pages the output holds
+        **run_fields(chunk_paths(out), plan.run_id, plan.started_at, history["attempts"]),
         "config": {k: v for k, v in cfg.__dict__.items()},
         "versions": _versions(),
     }

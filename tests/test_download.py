@@ -431,10 +431,10 @@ def test_e2e_url_list(server, tmp_path, pdf, sample_pdfs):
     run_launch(["--input", str(listing), "--output", str(out), "--device", "cpu"],
                env={**fake_model.env("delay=0"), download.CACHE_ENV: str(tmp_path / "cache")}, timeout=120)
     df = pd.read_parquet(out / "pages")
-    good_rows = df[df.source == good]
+    good_rows = df[df.source == "a.pdf"]  # source: the URL's path from its prefix
     assert sorted(good_rows.page) == list(range(1, len(pypdfium2.PdfDocument(pdf)) + 1))
     assert set(good_rows.status) <= {"ok", "empty"}, good_rows[["page", "status", "error"]]
-    bad = df[df.source == gone]
+    bad = df[df.source == "down.pdf"]
     assert list(bad.status) == ["error"] and list(bad.page) == [0]
     assert bad.error.iloc[0] == f"cannot read file: HTTP 404 Not Found: {gone}"
     # Manifest and render workers read the good PDF once from the network, then from the cache.

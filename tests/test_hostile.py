@@ -23,7 +23,7 @@ def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
                       env={**fake_model.env("delay=0"), **faults.env(f"{kind}:{pdfs[0].name}:2")},
                       timeout=240)
     df = pd.read_parquet(out / "pages")
-    bad = df[(df.source == str(pdfs[0])) & (df.page == 2)]
+    bad = df[(df.source == pdfs[0].name) & (df.page == 2)]  # source: relative to the input dir
     assert list(bad.status) == ["render_error"] and reason in bad.error.iloc[0]
     others = df.drop(bad.index)
     assert (others.status == "ok").all()
@@ -40,7 +40,7 @@ def test_hostile_page_becomes_an_error_row(tmp_path, kind, reason):
     live = json.loads((out / "status.json").read_text())
     assert live["state"] == "finished" and live["failures_by_status"] == {"render_error": 1}
     docs = pd.read_parquet(out / "documents")
-    assert "[MISSING_PAGE_FAIL:2]" in docs[docs.source == str(pdfs[0])].text.iloc[0]
+    assert "[MISSING_PAGE_FAIL:2]" in docs[docs.source == pdfs[0].name].text.iloc[0]
 
 
 # --- configuration values that do not fit their flag ---------------------------------------------

@@ -66,6 +66,11 @@ def _reference_drop_duplicate_units(out_dir: Path) -> int:
     return removed
 
 
+#: The manifest's `pdf` of one document: documents/ carries it as it is.
+_PDF_INFO = {"title": "Long", "author": "A. Author", "subject": None, "keywords": None,
+             "creator": None, "producer": "x", "created": "2024-01-01T00:00:00Z", "modified": None}
+
+
 def _reference_documents(out_dir: Path, entries: list[DocEntry]) -> list[dict]:
     removed = _reference_drop_duplicate_units(out_dir) + _reference_drop_duplicate_pages(out_dir)
     paths = index.chunk_paths(out_dir)
@@ -90,6 +95,7 @@ def _reference_documents(out_dir: Path, entries: list[DocEntry]) -> list[dict]:
             "text": finalize.join_pages([finalize.page_text_for_document(p, t, s)
                                          for p, t, s in got if p > 0]),
             "duplicates": dup_sources[e.doc_id],
+            "pdf": e.pdf,
         })
     return [*rows, {"removed": removed}]
 
@@ -115,7 +121,7 @@ def write_committed(out: Path) -> list[DocEntry]:
     """A job's output dir as the writer commits it: duplicates of every kind, failures, markers,
     whitespace the CLI's strip() removes, a document split over units, ranks and chunks."""
     entries = [
-        DocEntry("long", "/in/long.pdf", None, 7, 1, "long"),
+        DocEntry("long", "/in/long.pdf", None, 7, 1, "long", pdf=_PDF_INFO),
         DocEntry("dup", "/in/a.zip", "x/dup.pdf", 2, 1, "dup"),
         DocEntry("bad", "/in/bad.pdf", None, 0, 1, "bad", "not a PDF"),
         DocEntry("long", "/in/copy-of-long.pdf", None, 7, 1, "long"),

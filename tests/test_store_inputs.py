@@ -70,7 +70,9 @@ def test_inputs_added_replaced_removed_touched_then_discarded(tmp_path: Path) ->
     after = rows(out)
     assert len(after) == 9 and {k: after[k] for k in before} == before
     assert all((layout.pages / n).read_bytes() == b for n, b in chunks.items())
-    assert list(_manifest(out).source) == [str(inp / n) for n in ("a.pdf", "b.pdf", "c.pdf")]
+    # Named relative to the input directory; the manifest keeps where each file was read.
+    assert list(_manifest(out).source) == ["a.pdf", "b.pdf", "c.pdf"]
+    assert list(_manifest(out).location) == [str(inp / n) for n in ("a.pdf", "b.pdf", "c.pdf")]
 
     # Replaced in place (same name, new bytes, more pages): a new document; the old rows are
     # set aside, not mixed in.
@@ -80,7 +82,7 @@ def test_inputs_added_replaced_removed_touched_then_discarded(tmp_path: Path) ->
     m = _manifest(out)
     assert m.n_pages[0] == 5 and m.doc_id[0] != old_id and len(m) == 3
     pages = pd.read_parquet(layout.pages)
-    of_a = pages[pages.source == str(inp / "a.pdf")]
+    of_a = pages[pages.source == "a.pdf"]
     assert set(of_a.doc_id) == {m.doc_id[0]} and sorted(of_a.page) == [1, 2, 3, 4, 5]
     aside = pd.read_parquet(layout.superseded)
     assert set(aside.doc_id) == {old_id} and len(aside) == 3
@@ -116,7 +118,8 @@ def test_diff_inputs(tmp_path: Path) -> None:
     src = {n: Source(str(tmp_path / n)) for n in ("a.pdf", "b.pdf", "c.pdf", "d.pdf")}
     old = manifest.DocTable(manifest.to_table(
         [manifest.inspect(src[n]) for n in ("a.pdf", "b.pdf", "c.pdf")]
-        + [manifest.DocEntry("e" * 64, "https://x.org/r.pdf", None, 2, 9, "e" * 64)]))
+        + [manifest.DocEntry("e" * 64, "r.pdf", None, 2, 9, "e" * 64,
+                             location="https://x.org/r.pdf")]))
     remote = Source("https://x.org/r.pdf")
     assert manifest.diff_inputs(None, [src["a.pdf"]]).to_inspect == [0]
     same = manifest.diff_inputs(old, [src["a.pdf"], src["b.pdf"], src["c.pdf"], remote])
@@ -141,12 +144,15 @@ def test_old_manifest_without_stamps_is_read(tmp_path: Path) -> None:
     e = manifest.inspect(Source(str(tmp_path / "a.pdf")))
     old_schema = pa.schema([manifest.MANIFEST_SCHEMA.field(c) for c in
                             ("doc_id", "source", "member", "n_pages", "bytes", "sha256", "error")])
-    pq.write_table(pa.Table.from_pylist([{c: getattr(e, c) for c in old_schema.names}],
-                                        schema=old_schema), OutputDir(tmp_path).manifest)
+    # An earlier release stored the path as found in `source` and had no `location`.
+    row = {**{c: getattr(e, c) for c in old_schema.names}, "source": str(tmp_path / "a.pdf")}
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), OutputDir(tmp_path).manifest)
     loaded = manifest.load(tmp_path)
     assert loaded[0].file_mtime_ns is None and not loaded.removed_array().any()
     ch = manifest.diff_inputs(loaded, [Source(str(tmp_path / "a.pdf"))])
     assert ch.to_inspect == [0]  # hashed once more (same doc_id: its pages are kept)
+    assert loaded.upgraded and loaded[0].location == str(tmp_path / "a.pdf")
+    assert ch.rewrite and ch.stored == ["a.pdf"]
 
 
 def test_a_removed_unfinished_document_is_not_scheduled(tmp_path: Path) -> None:
@@ -213,7 +219,7 @@ def test_a_non_utf8_file_name_is_an_error_row_not_a_crash(tmp_path: Path) -> Non
     manifest.write(tmp_path, entries)  # Parquet strings must be UTF-8: this used to raise
     loaded = manifest.load(tmp_path)
     bad = [e for e in loaded if e.error is not None]
-    assert [e.source for e in bad] == [str(tmp_path / "caf\\xe9.pdf")]
+    assert [(e.source, e.location) for e in bad] == [("caf\\xe9.pdf", str(tmp_path / "caf\\xe9.pdf"))]
     assert "not valid UTF-8" in bad[0].error and "rename" in bad[0].error
     assert [e.n_pages for e in loaded if e.error is None] == [2]
     # The next run recognises both documents by name: nothing to hash again.

@@ -14,22 +14,23 @@ members needs their bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from nougat_dist.inputs import archives
+from nougat_dist.inputs import archives, naming
 from nougat_dist.inputs import remote as download
 
 log = logging.getLogger(__name__)
 LIST_SUFFIXES = (".txt", ".lst", ".list", ".urls")
 #: Archive members that are documents (tests widen it to read other archives' text members).
 MEMBER_SUFFIXES: tuple[str, ...] = (".pdf",)
-_GLOB_CHARS = set("*?[")
+_GLOB_CHARS = naming.GLOB_CHARS
 
 
 class InputError(ValueError):
@@ -40,16 +41,36 @@ class InputError(ValueError):
 class Source:
     """One document: a file, or a member of an archive file.
 
-    member is the archive-internal name; "" (archives.WHOLE_ARCHIVE) stands for an archive that
-    could not be listed, so that its reason still reaches the manifest as an error row.
+    source is where it is read (a path as found, or a remote spec); member is the
+    archive-internal name; "" (archives.WHOLE_ARCHIVE) stands for an archive that could not be
+    listed, so that its reason still reaches the manifest as an error row. root is the input it
+    was found under (see `stored_source`); it is not part of a Source's identity.
     """
 
     source: str
     member: str | None = None
+    root: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
         return self.member or self.source
+
+    def stored_source(self, absolute: bool = False) -> str:
+        """The `source` the dataset stores: relative to the input it was found under, so that
+        an upload does not carry local paths (a directory given: the path inside it; a file, a
+        glob or a list file: the path from its folder; a URL, an hf:// or bucket listing: the
+        path after its prefix, without query or checksum). absolute: the absolute local path,
+        or the URL, instead."""
+        if download.is_remote(self.source):
+            url = download.split_checksum(self.source)[0]
+            return printable_name(url if absolute else naming.relative(naming.remote_path(url), self.root))
+        if absolute:
+            return printable_name(os.path.abspath(self.source))
+        return printable_name(naming.relative(os.path.abspath(self.source), self.root, local=True))
+
+
+def _rooted(sources: list[Source], root: str | None) -> list[Source]:
+    return [dataclasses.replace(s, root=root) for s in sources]
 
 
 def is_utf8(name: str | None) -> bool:
@@ -74,6 +95,24 @@ def printable_name(name: str) -> str:
     except UnicodeEncodeError:  # a surrogate that is not an escaped byte
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
     return raw.decode("utf-8", "backslashreplace")
+
+
+def shown_name(src: Source) -> tuple[str, str | None]:
+    """(location, member) as the manifest stores them (see `printable_name`)."""
+    return (printable_name(src.source),
+            None if src.member is None else printable_name(src.member))
+
+
+def file_stamp(src: Source) -> tuple[int, int] | None:
+    """(size, mtime_ns) of the local file holding the document (the archive, for a member), or
+    None (remote, missing, unreadable)."""
+    if download.is_remote(src.source):
+        return None
+    try:
+        st = os.stat(src.source)
+    except (OSError, ValueError):
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _is_pdf_name(p: str | Path) -> bool:
@@ -161,8 +200,15 @@ def _read_list_file(path: Path) -> list[Source]:
     _download_archives([i for i in items if isinstance(i, str)])
     out = []
     for item in items:
-        out.extend(_remote_sources(item) if isinstance(item, str) else _file_sources(item))
+        # Named from the list's folder (an entry outside it: by its file name).
+        out.extend(_rooted(_remote_sources(item), _remote_root(item)) if isinstance(item, str)
+                   else _rooted(_file_sources(item), str(base)))
     return out
+
+
+def _remote_root(spec: str) -> str:
+    """The prefix a remote input's sources are named from (see `Source.stored_source`)."""
+    return naming.root_of(naming.remote_path(download.split_checksum(spec)[0]), local=False)
 
 
 def _is_hf_glob(spec: str) -> bool:
@@ -237,30 +283,14 @@ def discover(inputs: Iterable[str]) -> list[Source]:
         if download.is_remote(raw):
             # Remote inputs are not checked for existence here: a dead link becomes an error row
             # when the document is read, like a stale line of a list file.
-            sources.extend(_remote_sources(_remote_spec(raw, "--input")))
+            spec = _remote_spec(raw, "--input")
+            sources.extend(_rooted(_remote_sources(spec), _remote_root(spec)))
             continue
-        p = Path(raw)
-        if p.is_dir():
-            sources.extend(_walk_dir(p))
-        elif p.is_file():
-            if p.suffix.lower() in LIST_SUFFIXES:
-                sources.extend(_read_list_file(p))
-            else:
-                sources.extend(_file_sources(p))
-        elif p.exists() and not _GLOB_CHARS & set(raw):
-            sources.append(Source(raw))  # a FIFO or device: an error row says why
-        elif _GLOB_CHARS & set(raw):
-            matches = sorted(glob.glob(raw, recursive=True))
-            if not matches:
-                missing.append(f"{raw} (glob matched nothing)")
-            for m in matches:
-                mp = Path(m)
-                if mp.is_dir():
-                    sources.extend(_walk_dir(mp))
-                elif mp.is_file():
-                    sources.extend(_file_sources(mp))
+        found = _local_sources(raw)
+        if found is None:
+            missing.append(f"{raw} (glob matched nothing)" if _GLOB_CHARS & set(raw) else raw)
         else:
-            missing.append(raw)
+            sources.extend(found)
     if missing:
         raise InputError("input not found: " + ", ".join(missing)
                          + " — check the path, or put paths that may be missing in a list file")
@@ -271,6 +301,31 @@ def discover(inputs: Iterable[str]) -> list[Source]:
             seen.add(s)
             unique.append(s)
     return unique
+
+
+def _local_sources(raw: str) -> list[Source] | None:
+    """The sources of one local --input, each with its root; None when it names nothing."""
+    p = Path(raw)
+    if p.is_dir():
+        return _rooted(_walk_dir(p), raw)
+    if p.is_file():
+        found = _read_list_file(p) if p.suffix.lower() in LIST_SUFFIXES else _file_sources(p)
+        return found if p.suffix.lower() in LIST_SUFFIXES else _rooted(found, naming.root_of(raw, True))
+    if p.exists() and not _GLOB_CHARS & set(raw):
+        return [Source(raw, root=naming.root_of(raw, True))]  # a FIFO or device: an error row says why
+    if not _GLOB_CHARS & set(raw):
+        return None
+    matches = sorted(glob.glob(raw, recursive=True))
+    if not matches:
+        return None
+    found = []
+    for m in matches:
+        mp = Path(m)
+        if mp.is_dir():
+            found.extend(_walk_dir(mp))
+        elif mp.is_file():
+            found.extend(_file_sources(mp))
+    return _rooted(found, naming.root_of(raw, True))
 
 
 def read_bytes(src: Source) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -73,14 +74,17 @@ class PageRunner:
 
 
 def page_row(entry: DocEntry, page: int, *, rank: int, model_id: str, dtype: str,
-             result: PageResult | None, error: str | None, elapsed_ms: float) -> dict[str, Any]:
+             result: PageResult | None, error: str | None, elapsed_ms: float,
+             run_id: str | None = None) -> dict[str, Any]:
     """The Parquet row of one page: the model's result, or (result None) the render error.
 
     Page 0 stands for a document that could not be opened at all: its one row is an `error`.
+    run_id names the run that made the row (see `provenance.new_run_id`); `ocr_at` is now.
     """
     row: dict[str, Any] = {"doc_id": entry.doc_id, "source": entry.source, "member": entry.member,
                            "page": page, "rank": rank, "model": model_id, "dtype": dtype,
-                           "elapsed_ms": elapsed_ms}
+                           "elapsed_ms": elapsed_ms, "run_id": run_id,
+                           "ocr_at": datetime.now(timezone.utc)}
     if result is not None:
         row.update(text=result.text, status=result.status, error=None, n_tokens=result.n_tokens,
                    batch_steps=result.batch_steps)

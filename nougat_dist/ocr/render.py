@@ -27,7 +27,7 @@ from nougat_dist.ocr.render_workers import (RenderWatch, check_shm, close_loader
                                             death_reason, discard_workers, is_poll_timeout,
                                             pin_thread_alive, shm_free, shm_needed)
 from nougat_dist.store.manifest import DocEntry
-from nougat_dist.inputs.sources import Source, pdf_input
+from nougat_dist.inputs.sources import pdf_input
 
 # The rank's loop (worker.py), the self test and the tests read the raster and worker names here,
 # beside the dataset and loader they go with.
@@ -76,9 +76,7 @@ class PageDataset(torch.utils.data.Dataset):
         if self._open_doc is not None and self._open_doc[0] == doc:
             return self._open_doc[1]
         self.close()
-        e = self.docs[doc]
-        src = Source(e.source, e.member)
-        pdf = pypdfium2.PdfDocument(pdf_input(src))
+        pdf = pypdfium2.PdfDocument(pdf_input(self.docs[doc].to_source()))
         self._open_doc = (doc, pdf)
         return pdf
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,7 @@ from nougat_dist.errors import SetupError
 from nougat_dist.inputs.sources import InputError, discover, prefetch
 from nougat_dist.ocr.model import checkpoint_name, dtype_name, injected_model, resolve_checkpoint
 from nougat_dist.ocr.nltk_words import ensure_nltk_words
+from nougat_dist.provenance import new_run_id
 from nougat_dist.sched.steal import assign
 from nougat_dist.store import attempts
 from nougat_dist.store import index as checkpoint
@@ -78,6 +80,10 @@ class Plan:
     input_changes: str = ""
     #: rank 0: committed pages of files replaced in place (set aside; a plan only counts them)
     replaced_pages: int = 0
+    #: this launch of the job (provenance.new_run_id), the same on every rank, and when rank 0
+    #: started it (epoch seconds)
+    run_id: str = ""
+    started_at: float = 0.0
 
     def skip_set(self) -> set[tuple[int, int]]:
         return set(map(tuple, self.skip.tolist()))
@@ -195,7 +201,8 @@ def _prepare(cfg: Config, out: Path, plan_only: bool) -> tuple[_Start, list, str
     # --discard-committed starts from the inputs alone: rows of inputs no longer given go too.
     old = None if cfg.discard_committed else manifest.load(out)
     changes = manifest.diff_inputs(old, sources, recheck=cfg.rebuild_manifest,
-                                   recheck_errors=cfg.retry_failed)
+                                   recheck_errors=cfg.retry_failed,
+                                   absolute_source=cfg.absolute_source)
     to_inspect = [sources[i] for i in changes.to_inspect]
     return _Start(old, changes, moved), to_inspect, ckpt, nltk_ok
 
@@ -206,21 +213,23 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
     head: Any = None
     start: _Start | None = None
     if info.is_main:
+        started_at = time.time()
         try:
             start, *rest = _prepare(cfg, out, plan_only)
-            head = tuple(rest)
+            head = (*rest, new_run_id(started_at), started_at)
         except (SetupError, InputError, OSError, RuntimeError) as e:
             head = SetupError(str(e))
-    to_inspect, ckpt, nltk_ok = _share(info, head)
+    to_inspect, ckpt, nltk_ok, run_id, started_at = _share(info, head)
     if not plan_only:
-        attempts.start()  # the lease is held: this attempt's records may be written now
+        attempts.start(run_id)  # the lease is held: this attempt's records may be written now
 
     # Every rank hashes and counts the pages of its share of the new and changed documents
     # (remote ones of this share download in parallel first).
     parts: list[Any] = [[]]
     if to_inspect:
         prefetch(to_inspect[info.rank::info.world_size])
-        mine = manifest.build_entries(to_inspect, info.rank, info.world_size)
+        mine = manifest.build_entries(to_inspect, info.rank, info.world_size,
+                                      cfg.absolute_source)
         if info.distributed:
             parts = [None] * info.world_size
             dist.all_gather_object(parts, mine, group=info.control_group)
@@ -236,13 +245,16 @@ def _build_plan(cfg: Config, info: DistInfo, plan_only: bool = False) -> Plan:
         except (SetupError, OSError, RuntimeError) as e:
             msg = SetupError(str(e))
         else:
+            plan.run_id, plan.started_at = run_id, started_at
             if not info.distributed:
                 return plan
             msg = plan_message(plan)
     msg = _share(info, msg)
     if info.is_main:
         return plan
-    return plan_from_message(msg, cfg.unit_pages)
+    plan = plan_from_message(msg, cfg.unit_pages)
+    plan.run_id, plan.started_at = run_id, started_at
+    return plan
 
 
 def _decide_on_rank0(cfg: Config, out: Path, start: _Start, parts: list[Any], world_size: int,

@@ -8,8 +8,9 @@ up with the data; its configs point at the shard globs. The token comes from hug
 usual places (HF_TOKEN, `huggingface-cli login`) or `--token-env NAME`; it is passed to the API
 only and never printed.
 
-Note: the `source` columns hold the input paths or URIs as the job saw them; check them before
-pushing to a public repo.
+Note: the `source` columns hold each document's path relative to the input it was found under
+(absolute with --absolute-source); page rows committed by a release before that keep the path
+they were written with, and stats.json holds the job's config: check them before a public push.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class AttemptRecord:
         self.data: dict[str, Any] = {
             "attempt": self.key, "rank": rank, "world_size": world_size, "host": platform.node(),
             "device": device, "pid": os.getpid(), "start": time.time(),
-            "start_seq": None, "end": None, "exit": None}
+            "start_seq": None, "end": None, "exit": None, "run_id": None}
 
     def begin(self) -> bool:
         """Write the start record; False if the output dir is not writable (the job's own
@@ -116,12 +116,13 @@ def begin_when_leased(record: AttemptRecord) -> None:
     _pending = record
 
 
-def start() -> None:
+def start(run_id: str | None = None) -> None:
     """Begin the record of `begin_when_leased`, if any: every rank calls it once rank 0 holds
-    the output's lease."""
+    the output's lease. run_id: the run this attempt is (see provenance.new_run_id)."""
     global _pending
     record, _pending = _pending, None
     if record is not None:
+        record.data["run_id"] = run_id
         record.begin()
 
 
@@ -198,7 +199,8 @@ def _attempt_row(key: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
     start, end = min(r["start"] for r in rs), max(r["end"] for r in rs)
     exits = sorted({r["exit"] for r in rs})
     return {
-        "attempt": key, "start": _iso(start), "end": _iso(end), "wall_s": round(end - start, 3),
+        "attempt": key, "run_id": rs[0].get("run_id"),  # None: recorded before run ids
+        "start": _iso(start), "end": _iso(end), "wall_s": round(end - start, 3),
         "pages": sum(r["_pages"] for r in rs), "ranks": len(rs),
         "world_size": max(r["world_size"] for r in rs),
         "gpu_ranks": sum(1 for r in rs if str(r["device"]).startswith("cuda")),

@@ -36,6 +36,20 @@ PAGES_SCHEMA = pa.schema([
     pa.field("rank", pa.int16(), nullable=False),
     pa.field("model", pa.string(), nullable=False),
     pa.field("dtype", pa.string(), nullable=False),
+    # Provenance: the run (one launch of the job, see provenance.new_run_id) that OCR'd the page,
+    # and when. Null in chunks written before they were recorded (readers pass this schema, which
+    # reads a missing column as nulls).
+    pa.field("run_id", pa.string()),
+    pa.field("ocr_at", pa.timestamp("ms", tz="UTC")),
+])
+
+#: What a PDF says of itself (its Info dictionary): the manifest's and documents' `pdf` column.
+#: Dates are ISO 8601 (with the PDF's UTC offset when it gives one), null when they do not parse.
+PDF_INFO_TYPE = pa.struct([
+    pa.field("title", pa.string()), pa.field("author", pa.string()),
+    pa.field("subject", pa.string()), pa.field("keywords", pa.string()),
+    pa.field("creator", pa.string()), pa.field("producer", pa.string()),
+    pa.field("created", pa.string()), pa.field("modified", pa.string()),
 ])
 
 DOCUMENTS_SCHEMA = pa.schema([
@@ -46,6 +60,7 @@ DOCUMENTS_SCHEMA = pa.schema([
     pa.field("n_failed", pa.int32(), nullable=False),
     pa.field("text", pa.string(), nullable=False),
     pa.field("duplicates", pa.list_(pa.string())),
+    pa.field("pdf", PDF_INFO_TYPE),  # null: not read (an unreadable file, an older manifest)
 ])
 
 #: Parquet key-value metadata key listing the units a chunk completes (JSON list of unit keys).

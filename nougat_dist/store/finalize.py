@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from nougat_dist.store.layout import DOCUMENTS_FILE, OutputDir  # noqa: F401 (re-exported)
 from nougat_dist.store.index import chunk_paths
 from nougat_dist.store.manifest import DocEntry, parse_unit_key
+from nougat_dist.store.manifest import is_current as manifest_current, load as manifest_load
 from nougat_dist.store.chunks import DOCUMENTS_SCHEMA, PAGES_SCHEMA, UNITS_KEY, atomic_write_table, chunk_units
 from nougat_dist.store.shards import ShardWriter, clear_scratch, num_rows, scratch_dir, whole_groups
 from nougat_dist.store.counts import (decode_efficiency, read_pages, status_counts,  # noqa: F401
@@ -165,7 +166,7 @@ def page_text_for_document(page: int, text: str, status: str) -> str:
 _DOCS_SQL = """
 CREATE OR REPLACE TEMP TABLE docs AS
 WITH m AS (
-    SELECT file_row_number AS rn, doc_id, source, member, n_pages
+    SELECT file_row_number AS rn, doc_id, source, member, n_pages, pdf
     FROM read_parquet($manifest, file_row_number = true)),
 k AS (SELECT *, row_number() OVER (PARTITION BY doc_id ORDER BY rn) AS k FROM m),
 dups AS (
@@ -173,7 +174,7 @@ dups AS (
                         ORDER BY rn) AS duplicates
     FROM k WHERE k > 1 GROUP BY doc_id),
 firsts AS (
-    SELECT k.rn AS ord, k.doc_id, k.source, k.member, k.n_pages, dups.duplicates
+    SELECT k.rn AS ord, k.doc_id, k.source, k.member, k.n_pages, dups.duplicates, k.pdf
     FROM k LEFT JOIN dups USING (doc_id) WHERE k.k = 1)
 SELECT *, ((sum(greatest(n_pages, 1)) OVER (ORDER BY ord ROWS UNBOUNDED PRECEDING) - 1)
            // $pages_per_bucket)::INTEGER AS bucket
@@ -186,7 +187,7 @@ FROM firsts
 # render, as page_text_for_document).
 _DOCUMENT_ROWS_SQL = """
 SELECT docs.bucket, docs.ord, docs.doc_id, docs.source, docs.member, docs.n_pages, docs.duplicates,
-       pages.page,
+       docs.pdf, pages.page,
        CASE WHEN pages.page IS NULL OR pages.page <= 0 THEN ''
             WHEN pages.status = 'render_error'
                 THEN concat(chr(10), chr(10), '[MISSING_PAGE_FAIL:', pages.page, ']', chr(10), chr(10))
@@ -224,6 +225,7 @@ def _documents_of(rows: pa.Table) -> pa.Table:
         "member": firsts.column("member"), "n_pages": firsts.column("n_pages"),
         "n_failed": pa.array(failed, pa.int32()), "text": pa.array(texts, pa.string()),
         "duplicates": pa.array([d if d is not None else [] for d in dups], pa.list_(pa.string())),
+        "pdf": firsts.column("pdf"),
     }).cast(DOCUMENTS_SCHEMA)
 
 
@@ -242,6 +244,8 @@ def write_documents(out_dir: Path, entries: Sequence[DocEntry] | None = None, *,
     con = con or connect(scratch, memory_budget)
     manifest_path = layout.manifest
     try:
+        if entries is None and not manifest_current(layout.manifest):
+            entries = manifest_load(out_dir)  # an earlier release's: its missing columns as nulls
         if entries is not None:
             from nougat_dist.store.manifest import to_table
 

@@ -9,29 +9,30 @@ or no longer found, keeps its row with `removed` set, so its committed pages sta
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pypdfium2
 
-from nougat_dist import faults
 from nougat_dist.inputs import remote
-from nougat_dist.inputs.sources import Source, is_utf8, printable_name, read_bytes
-from nougat_dist.store.chunks import atomic_write_table
+from nougat_dist.inputs.sources import Source, file_stamp, shown_name
+from nougat_dist.inputs.inspect import build_entries, inspect  # noqa: F401 (re-exported)
+from nougat_dist.sched.units import (Unit, Units, make_units, parse_unit_key,  # noqa: F401
+                                     unit_key)  # (re-exported)
+from nougat_dist.store.chunks import PDF_INFO_TYPE, atomic_write_table
 from nougat_dist.store.layout import MANIFEST_FILE, OutputDir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
+    # As the dataset names the document: relative to the input it was found under (see
+    # inputs.sources.Source.stored_source); `location` is where it is read.
     pa.field("source", pa.string(), nullable=False),
     pa.field("member", pa.string()),
     pa.field("n_pages", pa.int32(), nullable=False),
@@ -46,7 +47,20 @@ MANIFEST_SCHEMA = pa.schema([
     # The input is no longer given (or its file is gone): its committed pages are kept, its
     # missing pages are not scheduled.
     pa.field("removed", pa.bool_()),
+    # The path as found (relative to the working directory, or absolute, as given) or the remote
+    # spec: what this machine reads and what a later run's inputs are matched by. A manifest of
+    # an earlier release has none: its `source` was this.
+    pa.field("location", pa.string()),
+    # What the PDF says of itself (null when it could not be opened; see inputs.inspect), and
+    # each page's size in points as displayed and its rotation in degrees.
+    pa.field("pdf", PDF_INFO_TYPE),
+    pa.field("page_width", pa.list_(pa.float32())),
+    pa.field("page_height", pa.list_(pa.float32())),
+    pa.field("page_rotation", pa.list_(pa.int16())),
 ])
+#: Columns a DocEntry read back from a DocTable holds, and what travels to the other ranks: the
+#: metadata stays out of the work loop (a book's page lists would be copied per page).
+CORE_COLUMNS = MANIFEST_SCHEMA.names[:MANIFEST_SCHEMA.get_field_index("location") + 1]
 
 
 @dataclass(frozen=True)
@@ -63,108 +77,23 @@ class DocEntry:
     file_bytes: int | None = None
     file_mtime_ns: int | None = None
     removed: bool | None = False
+    location: str | None = None  # None: the same as source
+    pdf: dict[str, Any] | None = None
+    page_width: list[float] | None = None
+    page_height: list[float] | None = None
+    page_rotation: list[int] | None = None
+
+    def to_source(self) -> Source:
+        """The Source to read the document from."""
+        return Source(self.location or self.source, self.member)
 
 
-def describe_pdf_error(data: bytes, exc: Exception) -> str:
-    """A reader-friendly reason for a PDF that pdfium cannot open.
-
-    pdfium's message is not reliable on its own: pypdfium2 refuses a 0-page document with
-    whatever error pdfium recorded last (even "Incorrect password" left over from another file).
-    So the reason is classified with pypdf, which reports these cases distinctly.
-    """
-    import pypdf
-    from pypdf.errors import PdfReadError
-
-    if not data.lstrip()[:5].startswith(b"%PDF"):
-        return "not a PDF (no %PDF header)"
-    try:
-        reader = pypdf.PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
-            return "encrypted PDF: a password is required to open it"
-        n = len(reader.pages)
-    except PdfReadError as e:
-        return f"damaged or truncated PDF ({type(e).__name__}: {e})"
-    except (ValueError, KeyError, TypeError, OSError, RecursionError) as e:
-        return f"damaged PDF ({type(e).__name__}: {e})"
-    if n == 0:
-        return "PDF has 0 pages"
-    return f"pdfium cannot open this PDF ({exc})"
-
-
-def file_stamp(src: Source) -> tuple[int, int] | None:
-    """(size, mtime_ns) of the local file holding the document (the archive, for a member), or
-    None (remote, missing, unreadable)."""
-    if remote.is_remote(src.source):
-        return None
-    try:
-        st = os.stat(src.source)
-    except (OSError, ValueError):
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
-def inspect(src: Source) -> DocEntry:
-    """Hash the document and count its pages. Never raises for bad input: the reason goes in `error`."""
-    # Stamped before reading: a file rewritten while it is read has a newer mtime than the one
-    # recorded, so the next run hashes it again.
-    stamp = file_stamp(src) or (None, None)
-    if not (is_utf8(src.source) and is_utf8(src.member)):
-        # The dataset stores names as text: the row keeps the name with its odd bytes escaped,
-        # and says what to do, instead of failing the whole job when the manifest is written.
-        shown = _shown_name(src)
-        digest = hashlib.sha256(f"badname:{shown[0]}:{shown[1]}".encode()).hexdigest()
-        return DocEntry(digest, *shown, 0, 0, digest,
-                        "file name is not valid UTF-8 (its other bytes are shown as \\xNN): "
-                        "rename the file to UTF-8 (e.g. with convmv) to include it", *stamp)
-    try:
-        data = read_bytes(src)
-    except FileNotFoundError:
-        digest = hashlib.sha256(f"missing:{src.source}:{src.member}".encode()).hexdigest()
-        return DocEntry(digest, src.source, src.member, 0, 0, digest, "file not found", *stamp)
-    except OSError as e:
-        digest = hashlib.sha256(f"unreadable:{src.source}:{src.member}".encode()).hexdigest()
-        return DocEntry(digest, src.source, src.member, 0, 0, digest, f"cannot read file: {e}",
-                        *stamp)
-    digest = hashlib.sha256(data).hexdigest()
-    n_pages, error = 0, None
-    if not data:
-        error = "empty file (0 bytes)"
-    else:
-        try:
-            doc = pypdfium2.PdfDocument(data)
-        except pypdfium2.PdfiumError as e:
-            error = describe_pdf_error(data, e)
-        else:
-            try:
-                n_pages = len(doc)
-            finally:
-                doc.close()
-            if n_pages == 0:
-                error = "PDF has 0 pages"
-    return DocEntry(digest, src.source, src.member, n_pages, len(data), digest, error, *stamp)
-
-
-def _shown_name(src: Source) -> tuple[str, str | None]:
-    """(source, member) as the manifest stores them (see `sources.printable_name`)."""
-    return (printable_name(src.source),
-            None if src.member is None else printable_name(src.member))
-
-
-def build_entries(sources: Sequence[Source], rank: int, world_size: int) -> list[tuple[int, DocEntry]]:
-    """Inspect this rank's share of the sources (every world_size-th), tagged with their index."""
-    out = []
-    for i in range(rank, len(sources), world_size):
-        out.append((i, inspect(sources[i])))
-        faults.hit("manifest")
-    return out
-
-
-def to_table(entries: Iterable[DocEntry]) -> pa.Table:
+def to_table(entries: Iterable[DocEntry],
+             columns: Sequence[str] = MANIFEST_SCHEMA.names) -> pa.Table:
+    """Manifest rows as a table of `columns` (every column by default)."""
     rows = list(entries)
-    return pa.Table.from_pydict(
-        {name: [getattr(e, name) for e in rows] for name in MANIFEST_SCHEMA.names},
-        schema=MANIFEST_SCHEMA,
-    )
+    data = {name: [getattr(e, name) for e in rows] for name in columns}
+    return pa.Table.from_pydict(data, schema=pa.schema([MANIFEST_SCHEMA.field(c) for c in columns]))
 
 
 def write(out_dir: Path, entries: "Sequence[DocEntry] | DocTable") -> "DocTable":
@@ -177,16 +106,26 @@ def write(out_dir: Path, entries: "Sequence[DocEntry] | DocTable") -> "DocTable"
 def load(out_dir: Path) -> "DocTable | None":
     """The manifest of a previous run in out_dir, or None when there is none.
 
-    A manifest of an earlier release lacks the stamp and `removed` columns: they read as null,
-    so every file is hashed once more and the manifest is rewritten with them."""
+    A manifest of an earlier release lacks some columns. Its `source` is the location (what the
+    inputs are matched by); the stamps and `removed` read as null, so every file is hashed once
+    more; the metadata reads as null (unknown, not read again). `upgraded` is then set: the
+    manifest is rewritten with every column."""
     path = OutputDir(out_dir).manifest
     if not path.exists():
         return None
     table = pq.read_table(path)
-    for f in MANIFEST_SCHEMA:
-        if f.name not in table.column_names:
-            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
-    return DocTable(table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
+    missing = [f for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+    for f in missing:
+        fill = table["source"] if f.name == "location" else pa.nulls(table.num_rows, f.type)
+        table = table.append_column(f, fill)
+    docs = DocTable(table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
+    docs.upgraded = bool(missing)
+    return docs
+
+
+def is_current(path: Path) -> bool:
+    """Whether the manifest file at path has every column of this release (read from its footer)."""
+    return path.exists() and set(MANIFEST_SCHEMA.names) <= set(pq.read_schema(path).names)
 
 
 @dataclass
@@ -202,6 +141,9 @@ class InputChanges:
     new: int = 0  # sources without a manifest row
     changed: int = 0  # sources whose file's size or mtime differ (or forced): hashed again
     rewrite: bool = True  # whether the manifest changes at all
+    #: per source: its `source` as this run stores it (a kept row written by an earlier release,
+    #: or with --absolute-source toggled, is renamed)
+    stored: list[str] = field(default_factory=list)
 
     @property
     def to_inspect(self) -> list[int]:
@@ -214,29 +156,45 @@ class InputChanges:
 
 
 def diff_inputs(old: "DocTable | None", sources: Sequence[Source], recheck: bool = False,
-                recheck_errors: bool = False) -> InputChanges:
+                recheck_errors: bool = False, absolute_source: bool = False) -> InputChanges:
     """Which sources need hashing again, and which manifest rows are no longer among the inputs.
 
-    A source keeps its manifest row when its file's size and mtime are those recorded (remote
-    sources: always, their spec names them). recheck: inspect every source again
-    (--rebuild-manifest); recheck_errors: inspect again the documents recorded as unreadable
-    (--retry-failed: a password set, a download back). Works on columns: one stat per file, no
-    per-row objects for the documents that did not change.
+    A source keeps its manifest row when its location (path as found, or spec) is the row's and
+    its file's size and mtime are those recorded (remote sources: always, their spec names them).
+    recheck: inspect every source again (--rebuild-manifest); recheck_errors: inspect again the
+    documents recorded as unreadable (--retry-failed: a password set, a download back). Works on
+    columns: one stat per file, no per-row objects for the documents that did not change.
     """
     n = len(sources)
-    vanished = np.zeros(n, dtype=bool)
+    stored = [src.stored_source(absolute_source) for src in sources]
     if old is None:
-        return InputChanges(np.full(n, -1, dtype=np.int64), vanished, np.zeros(0, np.int64), new=n)
-    t = old.table
-    names = {k: i for i, k in enumerate(zip(t["source"].to_pylist(), t["member"].to_pylist()))}
+        return InputChanges(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool),
+                            np.zeros(0, np.int64), new=n, stored=stored)
+    ch = _match(old.table, sources, recheck, recheck_errors)
+    ch.stored = stored
+    was_removed = old.table["removed"].fill_null(False).to_numpy(zero_copy_only=False)
+    old_names = old.table["source"].to_pylist()
+    kept = ch.keep >= 0
+    renamed = any(old_names[i] != stored[k] for k, i in enumerate(ch.keep.tolist()) if i >= 0)
+    ch.rewrite = bool((~kept).any() or len(ch.gone) or renamed or old.upgraded
+                      or (was_removed[ch.keep[kept]] != ch.vanished[kept]).any()
+                      or not was_removed[ch.gone].all())
+    return ch
+
+
+def _match(t: pa.Table, sources: Sequence[Source], recheck: bool,
+           recheck_errors: bool) -> InputChanges:
+    """`diff_inputs` without the rewrite decision: each source's row, if still valid."""
+    where = pc.coalesce(t["location"], t["source"]).to_pylist()  # null location: = source
+    names = {k: i for i, k in enumerate(zip(where, t["member"].to_pylist()))}
     fbytes, fmtime = t["file_bytes"].to_pylist(), t["file_mtime_ns"].to_pylist()
     errors = t["error"].is_valid().to_numpy(zero_copy_only=False)
-    was_removed = t["removed"].fill_null(False).to_numpy(zero_copy_only=False)
-    keep = np.full(n, -1, dtype=np.int64)
+    keep = np.full(len(sources), -1, dtype=np.int64)
+    vanished = np.zeros(len(sources), dtype=bool)
     stamps: dict[str, tuple[int, int] | None] = {}  # an archive's members share one stat
     new = changed = 0
     for k, src in enumerate(sources):
-        i = names.pop(_shown_name(src), None)
+        i = names.pop(shown_name(src), None)
         if i is None:
             new += 1
             continue
@@ -259,17 +217,14 @@ def diff_inputs(old: "DocTable | None", sources: Sequence[Source], recheck: bool
         else:
             changed += 1
     gone = np.array(sorted(names.values()), dtype=np.int64)
-    kept = keep >= 0
-    rewrite = bool((~kept).any() or len(gone) or (was_removed[keep[kept]] != vanished[kept]).any()
-                   or not was_removed[gone].all())
-    return InputChanges(keep, vanished, gone, new, changed, rewrite)
+    return InputChanges(keep, vanished, gone, new, changed)
 
 
 def merge_inputs(old: "DocTable | None", ch: InputChanges,
                  inspected: dict[int, DocEntry]) -> "DocTable":
-    """The new manifest: this run's sources in order (rows reused or just inspected), then the
-    rows of inputs no longer given, so a document's first occurrence is a current input when
-    there is one."""
+    """The new manifest: this run's sources in order (rows reused, renamed as this run stores
+    them, or just inspected), then the rows of inputs no longer given, so a document's first
+    occurrence is a current input when there is one."""
     kept = np.flatnonzero(ch.keep >= 0)
     fresh = np.flatnonzero(ch.keep < 0)
     parts = [to_table(inspected[i] for i in fresh.tolist())]
@@ -286,41 +241,11 @@ def merge_inputs(old: "DocTable | None", ch: InputChanges,
     removed = np.concatenate([ch.vanished, np.ones(table.num_rows - len(ch.keep), dtype=bool)])
     table = table.set_column(table.schema.get_field_index("removed"),
                              MANIFEST_SCHEMA.field("removed"), pa.array(removed))
+    if ch.stored:
+        names = ch.stored + table["source"].to_pylist()[len(ch.keep):]
+        table = table.set_column(table.schema.get_field_index("source"),
+                                 MANIFEST_SCHEMA.field("source"), pa.array(names, pa.string()))
     return DocTable(table)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A range of pages of one document: the unit of scheduling and of commit.
-
-    Pages are 1-based and inclusive. A document that cannot be read at all has one unit with
-    first == last == 0, which produces its single error row.
-    """
-
-    doc: int  # index into the job's unique-document list
-    first: int
-    last: int
-
-    @property
-    def n_pages(self) -> int:
-        return self.last - self.first + 1 if self.first else 1
-
-    def pages(self) -> range:
-        return range(self.first, self.last + 1)
-
-    def key(self, doc_id: str) -> str:
-        return unit_key(doc_id, self.first, self.last)
-
-
-def unit_key(doc_id: str, first: int, last: int) -> str:
-    """How a unit is named in a chunk's footer: `doc_id:first-last`."""
-    return f"{doc_id}:{first}-{last}"
-
-
-def parse_unit_key(key: str) -> tuple[str, int, int]:
-    doc_id, span = key.rsplit(":", 1)
-    first, last = span.split("-")
-    return doc_id, int(first), int(last)
 
 
 def unique_docs(entries: Sequence[DocEntry]) -> Sequence[DocEntry]:
@@ -346,66 +271,6 @@ def doc_ids(docs: Sequence[DocEntry]) -> list[str]:
     return docs.column("doc_id") if isinstance(docs, DocTable) else [d.doc_id for d in docs]
 
 
-class Units(Sequence[Unit]):
-    """Every unit of a job as three integer arrays (a million documents make ~2 M units: as
-    Unit objects they cost seconds to build and to send; as arrays, milliseconds).
-
-    A document's units are contiguous and in page order, which makes a unit findable from its key.
-    """
-
-    def __init__(self, doc: np.ndarray, first: np.ndarray, last: np.ndarray, start: np.ndarray,
-                 unit_pages: int) -> None:
-        self.doc, self.first, self.last = doc, first, last
-        self.start = start  # index of each document's first unit
-        self.unit_pages = unit_pages
-
-    def __len__(self) -> int:
-        return len(self.doc)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return Unit(int(self.doc[i]), int(self.first[i]), int(self.last[i]))
-
-    def __iter__(self) -> Iterator[Unit]:
-        for d, f, last in zip(self.doc.tolist(), self.first.tolist(), self.last.tolist()):
-            yield Unit(d, f, last)
-
-    @property
-    def n_pages(self) -> np.ndarray:
-        """Pages per unit (1 for a document's error unit), as int64."""
-        return np.where(self.first > 0, self.last - self.first + 1, 1)
-
-    def find(self, doc: int, first: int, last: int) -> int | None:
-        """Index of the unit of document `doc` spanning first..last, or None (a unit of an
-        earlier run with another --unit-pages, which is then done again)."""
-        j = int(self.start[doc]) + ((first - 1) // self.unit_pages if first > 0 else 0)
-        end = self.start[doc + 1] if doc + 1 < len(self.start) else len(self)
-        if j < end and self.first[j] == first and self.last[j] == last:
-            return j
-        return None
-
-
-def make_units(docs: Sequence[DocEntry], unit_pages: int) -> Units:
-    """Split every document into units of at most unit_pages pages."""
-    if unit_pages < 1:
-        raise ValueError(f"unit_pages must be >= 1, got {unit_pages}")
-    if isinstance(docs, DocTable):
-        n_pages, ok = docs.n_pages_array(), docs.readable_array()
-    else:
-        n_pages = np.fromiter((d.n_pages for d in docs), dtype=np.int64, count=len(docs))
-        ok = np.fromiter((d.error is None for d in docs), dtype=bool, count=len(docs))
-    ok &= n_pages > 0
-    count = np.where(ok, (n_pages + unit_pages - 1) // unit_pages, 1)
-    start = np.cumsum(count) - count
-    doc = np.repeat(np.arange(len(count), dtype=np.int64), count)
-    k = np.arange(len(doc), dtype=np.int64) - start[doc]
-    readable = ok[doc]
-    first = np.where(readable, k * unit_pages + 1, 0)
-    last = np.where(readable, np.minimum(first + unit_pages - 1, n_pages[doc]), 0)
-    return Units(doc, first, last, start, unit_pages)
-
-
 class DocTable(Sequence[DocEntry]):
     """Manifest rows as Arrow columns: how the job holds its documents.
 
@@ -415,24 +280,25 @@ class DocTable(Sequence[DocEntry]):
     which the work loop does a few times per page. Row i is DocEntry i of its source.
     """
 
-    COLUMNS = tuple(MANIFEST_SCHEMA.names)
+    COLUMNS = tuple(CORE_COLUMNS)
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table.combine_chunks()
+        self.upgraded = False  # read from an earlier release's manifest (see `load`)
         self._cols = [self.table.column(c).chunk(0) if self.table.column(c).num_chunks
                       else pa.array([], self.table.schema.field(c).type) for c in self.COLUMNS]
 
     @classmethod
     def from_entries(cls, docs: Sequence[DocEntry]) -> "DocTable":
-        schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in cls.COLUMNS])
-        return cls(pa.Table.from_pydict({c: [getattr(d, c) for d in docs] for c in cls.COLUMNS},
-                                        schema=schema))
+        return cls(to_table(docs, cls.COLUMNS))
 
     def to_bytes(self) -> bytes:
+        """The core columns as a compressed Arrow IPC stream (what the other ranks need)."""
+        core = self.table.select(list(self.COLUMNS))
         sink = pa.BufferOutputStream()
         options = pa.ipc.IpcWriteOptions(compression="zstd")
-        with pa.ipc.new_stream(sink, self.table.schema, options=options) as w:
-            w.write_table(self.table)
+        with pa.ipc.new_stream(sink, core.schema, options=options) as w:
+            w.write_table(core)
         return sink.getvalue().to_pybytes()
 
     @classmethod

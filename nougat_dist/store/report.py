@@ -63,10 +63,13 @@ def build(out: Path) -> Report:
 
     layout = OutputDir(out)
     rep = Report()
-    manifest = pq.read_table(layout.manifest, columns=["doc_id", "source", "member", "error"]).to_pylist()
+    have = pq.read_schema(layout.manifest).names  # an earlier release's has no location
+    manifest = pq.read_table(layout.manifest, columns=[c for c in (
+        "doc_id", "source", "member", "error", "location") if c in have]).to_pylist()
     first: dict[str, str] = {}
     for row in manifest:
-        name = _name(row["source"], row["member"])
+        # Named by the path read, so that it can be found here (`source` is relative).
+        name = _name(row.get("location") or row["source"], row["member"])
         if row["error"] is not None:
             rep.unreadable[name] = row["error"]
         elif row["doc_id"] in first:
