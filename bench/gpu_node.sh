@@ -6,6 +6,7 @@
 # real 0.1.0-small architecture, and the batch probe at nougat's real max_length (3584).
 #
 #   bench/gpu_node.sh PDF_DIR REPORT_DIR     # PDF_DIR: e.g. `python -m testing.samples DIR --n-docs 12`
+#   QUICK=1 bench/gpu_node.sh ...            # stop after the tiny-checkpoint job and its re-run
 #
 # Random-weight checkpoints only (the project builds them; no download): texts are gibberish, the
 # code paths, tensor shapes and decode lengths are the real ones.
@@ -82,6 +83,8 @@ cp "$work/job/stats.json" "$report/stats_tiny_job.json"
 step "the same command again: nothing is redone"
 torchrun --standalone --nproc_per_node=1 launch.py --input "$pdfs" --output "$work/job" \
     --checkpoint "$work/tiny" --device cuda --batch-size 8 2>&1 | tail -n 4
+
+if [ -n "${QUICK:-}" ]; then step "done (QUICK: the real-architecture speed and probe steps skipped)"; exit 0; fi
 
 step "real 0.1.0-small architecture (random weights, 50k vocab), max_length 256: selftest speed at batch 16"
 $py bench/realistic_checkpoint.py "$work/real256" --max-length 256 > /dev/null || exit 1
