@@ -47,6 +47,7 @@ class Config:
     finalize_memory: int = 1024 * 2**20  # = store.finalize.DEFAULT_MEMORY_BUDGET
     log_level: str = "INFO"
     test_fake_model: str | None = None
+    batching: str = "length_aware"
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
@@ -74,6 +75,8 @@ class Config:
             raise ConfigError("--max-member-bytes and --max-page-pixels must be >= 1")
         if self.finalize_memory < 64 * 2**20:
             raise ConfigError(f"--finalize-memory must be >= 64 MiB (67108864), got {self.finalize_memory}")
+        if self.batching not in ("length_aware", "document_order"):
+            raise ConfigError(f"--batching must be length_aware or document_order, got {self.batching!r}")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -144,6 +147,12 @@ FIELD_HELP: dict[str, str] = {
     "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
     "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",
     "test_fake_model": argparse.SUPPRESS,  # testing only: see runner.FakeModel
+    "batching": "How each rank groups rendered pages into model batches. length_aware: pages wait "
+    "in a window of 4 batches and each batch takes pages of similar predicted length (text layer, "
+    "else ink), so short pages do not idle beside long ones (a batch decodes until its longest "
+    "page ends); no page waits more than 8 batches. document_order: consecutive pages, as the "
+    "stock CLI. Text is the same either way except on pages nougat's batch-level repetition check "
+    "flags (docs/fidelity.md).",
 }
 
 _NEGATED = {"markdown": "--no-markdown", "skipping": "--no-skipping", "steal": "--no-steal"}
