@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 MAX_BLIND_RECOVERIES = 3
 #: How long a failed wait for a batch looks for the render worker that is dying.
 WORKER_EXIT_WAIT_S = 5.0
+#: How long the length-aware window waits for a rendered batch when it already holds one.
+READY_S = 0.01
 
 
 class Worker:
@@ -187,25 +189,28 @@ class Worker:
     def _next_batch(self) -> Batch | None:
         """The next batch for the model, or None (the loop gets on with rounds and looks again).
 
-        In document order it is the next rendered batch. Length-aware, each call moves at most
-        one rendered batch into the window and emits a batch from it when it is full, when
-        nothing more is coming, or when the renderers kept the model waiting."""
+        In document order it is the next rendered batch. Length-aware, the rendered batches
+        that are ready go into the window until it is full, and a batch comes out of it as soon
+        as it holds one: the model never waits for the sake of a better grouping, and the window
+        fills when rendering runs ahead of the model, which is when grouping pays."""
         if self.window is None:
-            return self._next_rendered()
-        waited = False
-        if not self.window.full() and not self._drained():
-            rendered = self._next_rendered()
-            if rendered is not None:
-                failed = self.window.take(rendered)
-                if failed is not None:
-                    return failed  # nothing to decode: no reason to hold these rows back
-            waited = rendered is None and self._it is not None
-        if self.window.ready(self._drained(), waited):
+            return self._next_rendered(POLL_S)
+        while not self.window.full() and not self._drained():
+            short = len(self.window) < self.batch_size
+            rendered = self._next_rendered(POLL_S if short else READY_S)
+            if rendered is None:
+                if short and self._it is not None:
+                    return None  # nothing rendered within POLL_S: rounds, then look again
+                break
+            failed = self.window.take(rendered)
+            if failed is not None:
+                return failed  # nothing to decode: no reason to hold these rows back
+        if self.window.ready(self._drained()):
             return self.window.pop()
         return None
 
-    def _next_rendered(self) -> Batch | None:
-        """The next rendered batch, or None: none ready within POLL_S (the loop gets on with
+    def _next_rendered(self, wait_s: float) -> Batch | None:
+        """The next rendered batch, or None: none ready within `wait_s` (the loop gets on with
         rounds and looks again), the queue drained for now, or the workers were replaced.
 
         A render worker that died (a crash, or its page's timer) is found here, wherever the rank
@@ -213,6 +218,8 @@ class Worker:
         page never holds up a status round."""
         if self._it is None:
             self._it = iterate(self.loader)
+        if self.cfg.num_workers > 0:
+            self._it._timeout = wait_s  # DataLoader's own wait, read at each next()
         try:
             batch = next(self._it, None)
         except (RuntimeError, OSError, EOFError) as e:

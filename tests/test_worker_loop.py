@@ -464,13 +464,19 @@ def test_stop_with_pages_in_the_window_commits_nothing_half_and_resume_does_the_
 def test_render_recovery_keeps_the_pages_waiting_in_the_window(sample_pdfs, tmp_path,
                                                                monkeypatch):
     """A render worker dies while rendered pages wait in the window: only the pages it had not
-    handed over are rendered again; the waiting ones are processed once, from the window."""
+    handed over are rendered again; the waiting ones are processed once, from the window. The
+    model (0.3 s a page) is slower than rendering, so rendered batches wait in the window."""
     out = tmp_path / "out"
-    plan = make_plan(sample_pdfs[:1], out, world_size=1, unit_pages=2)
+    plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
     order = claim_order(plan)
-    guilty = order[4]  # third batch: the first two are in the window (8 pages) by then
-    monkeypatch.setenv(faults.ENV, f"render-crash:{sample_pdfs[0].name}:{guilty[1]}")
-    w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1)
+    assert len(order) == 11
+    # The fifth batch of two: batches a render worker sent but the rank had not received when it
+    # died are lost with it (their shared memory goes through the sender), so the window holds
+    # what came before.
+    guilty = order[8]
+    name = Path(plan.docs[guilty[0]].source).name
+    monkeypatch.setenv(faults.ENV, f"render-crash:{name}:{guilty[1]}")
+    w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1, delay=0.3)
     rec = Recorder(w)
     parked: list[set] = []
     recover = w._recover_render

@@ -74,12 +74,10 @@ class BatchWindow:
                      render_ms=[batch.render_ms[i] for i in failed],
                      predicted_tokens=[0.0] * len(failed))
 
-    def ready(self, drained: bool, waited: bool) -> bool:
-        """Whether to emit a batch now: the window is full; nothing more is coming (`drained`);
-        or the renderers kept the model waiting (`waited`) and a whole batch is here, so the
-        model does not sit idle for the sake of a better grouping."""
+    def ready(self, drained: bool) -> bool:
+        """Whether a batch may come out: a whole batch is here, or nothing more is coming."""
         n = len(self._window)
-        return n > 0 and (self._window.full() or drained or (waited and n >= self.batch_size))
+        return n >= self.batch_size or (n > 0 and drained)
 
     def pop(self) -> Batch:
         """The next batch: pages of similar predicted length, the oldest page always among them."""
