@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -27,7 +27,7 @@ from nougat_dist.ocr.render import (POLL_S, Batch, EncoderInput, LiveBatchSample
                                     RenderWatch, check_shm, close_loader, dead_workers,
                                     death_reason, discard_workers, is_poll_timeout, iterate,
                                     make_loader, pin_thread_alive, shm_free, shm_needed)
-from nougat_dist.sched.queue import ClaimQueue
+from nougat_dist.sched.queue import ClaimQueue, DocIds
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, plan_steals,
                                      stop_requested)
@@ -65,7 +65,7 @@ class Worker:
         self.device, self.cpu_cores, self.is_main = device, cpu_cores, is_main
         self._load = load
         self.stats = RankStats(rank=rank)
-        self.queue = ClaimQueue(plan.queues, rank, plan.units, _DocIds(plan.docs),
+        self.queue = ClaimQueue(plan.queues, rank, plan.units, DocIds(plan.docs),
                                 unit_weights(plan), plan.skip_set())
         self.watch = RenderWatch(cfg.num_workers)
         self.dataset = PageDataset(plan.docs, encoder_input, cfg.render_timeout, self.watch)
@@ -300,19 +300,6 @@ class Worker:
         stats.pages += len(batch.keys)
         stats.busy_s += time.monotonic() - t0
         self.writer.maybe_commit()
-
-
-class _DocIds(Sequence[str]):
-    """doc_id by document index, read lazily (the plan's documents may be a DocTable)."""
-
-    def __init__(self, docs: Sequence[Any]) -> None:
-        self.docs = docs
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.docs[i].doc_id
 
 
 def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
