@@ -108,10 +108,21 @@ def simulate(rows: list[dict], depth: int, max_age: int) -> dict:
     return out
 
 
+def book_lines(n_pages: int, seed: int) -> list[int]:
+    """Lines of box words per page of a scanned book: mostly full, some short (titles, ends of
+    chapters, figures). The eos variant's stop step grows with ink and reaches max length near
+    32 lines, so this spreads the true lengths over the whole range, as real pages spread over
+    Nougat's."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randint(15, 32) if rng.random() < 0.7 else rng.randint(0, 14)
+            for _ in range(n_pages)]
+
+
 def model_bench(n_pages: int, batch_sizes: list[int], reps: int, max_length: int, depth: int,
                 max_age: int, threads: int, seed: int = 0) -> dict:
     """Real decoding, document order vs length-aware, same pages, interleaved repetitions."""
-    import random
     import statistics
     import time
 
@@ -122,12 +133,7 @@ def model_bench(n_pages: int, batch_sizes: list[int], reps: int, max_length: int
     from testing.tiny_checkpoint import build_tiny_checkpoint, write_ink_pages
 
     torch.set_num_threads(threads)
-    rng = random.Random(seed)
-    # Pages of a scanned book: mostly full, some short (titles, ends of chapters, figures).
-    # The variant's stop step grows with ink and reaches max length near 32 lines of box words,
-    # so this spreads the true lengths over the whole range, as real pages spread over Nougat's.
-    lines = [rng.randint(15, 32) if rng.random() < 0.7 else rng.randint(0, 14)
-             for _ in range(n_pages)]
+    lines = book_lines(n_pages, seed)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_tiny_checkpoint(Path(tmp) / "eos", max_length=max_length, variant="eos")
         model = NougatModel.from_pretrained(ckpt).eval()
@@ -181,6 +187,70 @@ def model_bench(n_pages: int, batch_sizes: list[int], reps: int, max_length: int
             "same_text_under_both_policies": same_text, "efficiency": rows, "speed": ratios}
 
 
+def _page_texts(out: Path) -> dict[tuple[str, int], str]:
+    import pyarrow.parquet as pq
+
+    return {(r["source"], r["page"]): r["text"]
+            for r in pq.read_table(out / "pages", columns=["source", "page", "text"]).to_pylist()}
+
+
+def job_bench(n_pages: int, batch_size: int, reps: int, max_length: int, device: str,
+              num_workers: int, pdf_dir: Path | None = None, checkpoint: Path | None = None,
+              seed: int = 0) -> dict:
+    """The real job, `torchrun --standalone --nproc_per_node=1 launch.py`, over the same pages
+    with --batching document_order and length_aware, the two interleaved in every repetition.
+
+    Pages/s is over each run's work phase (stats.json makespan_s: model load and finalize left
+    out); decode efficiency is stats.json's. Checkpoint: the tiny `eos` variant (page lengths set
+    by ink), built here unless given; pages: scan-like book pages unless `pdf_dir` is given.
+    """
+    import os
+    import statistics
+    import subprocess
+
+    from testing.tiny_checkpoint import build_tiny_checkpoint, write_ink_pages
+
+    policies = ("document_order", "length_aware")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("NLTK_DATA", str(ROOT / "tests" / "fixtures" / "nltk_data"))
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint or build_tiny_checkpoint(Path(tmp) / "eos", max_length=max_length,
+                                                   variant="eos")
+        if pdf_dir is None:
+            pdf_dir = Path(tmp) / "pages"
+            write_ink_pages(pdf_dir, book_lines(n_pages, seed), seed=seed)
+        texts: dict[str, dict] = {}
+        for rep in range(reps):
+            for policy in (policies if rep % 2 == 0 else policies[::-1]):
+                out = Path(tmp) / f"out-{policy}-{rep}"
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node=1", "launch.py", "--input", str(pdf_dir), "--output",
+                       str(out), "--checkpoint", str(ckpt), "--device", device, "--batch-size",
+                       str(batch_size), "--num-workers", str(num_workers), "--batching", policy]
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
+                                       f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+                stats = json.loads((out / "stats.json").read_text())
+                runs[policy].append({"pages": stats["pages_this_run"],
+                                     "makespan_s": stats["makespan_s"], "wall_s": stats["wall_s"],
+                                     "efficiency": stats["decode"]["efficiency"]})
+                texts.setdefault(policy, _page_texts(out))
+    rate = {p: [r["pages"] / r["makespan_s"] for r in runs[p]] for p in policies}
+    a, b = texts["document_order"], texts["length_aware"]
+    return {
+        "device": device, "batch_size": batch_size, "reps": reps, "max_length": max_length,
+        "pages": runs["length_aware"][0]["pages"], "num_workers": num_workers,
+        "policies": {p: {"pages_per_s": statistics.median(rate[p]),
+                         "efficiency": runs[p][0]["efficiency"], "runs": runs[p]} for p in policies},
+        # per repetition (both policies ran back to back in it), then the median
+        "length_aware_over_document_order": statistics.median(
+            la / do for la, do in zip(rate["length_aware"], rate["document_order"])),
+        "pages_whose_text_differs": sum(a[k] != b.get(k) for k in a),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -198,7 +268,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-max-length", type=int, default=128,
                     help="the variant's max length for --model (< 135: no page can be flagged)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for --model")
+    ap.add_argument("--job", action="store_true",
+                    help="also run the real job (torchrun, 1 rank) with each --batching policy, "
+                    "interleaved, with the tiny 'eos' checkpoint variant; 'job' in the output")
+    ap.add_argument("--job-only", action="store_true", help="--job, and skip everything else")
+    ap.add_argument("--job-pages", type=int, default=96, help="generated pages for --job")
+    ap.add_argument("--job-pdfs", type=Path, help="a PDF directory for --job instead")
+    ap.add_argument("--job-checkpoint", type=Path, help="checkpoint for --job (default: build "
+                    "the eos variant at --job-max-length)")
+    ap.add_argument("--job-batch-size", type=int, default=24, help="--batch-size for --job")
+    ap.add_argument("--job-reps", type=int, default=2, help="interleaved repetitions for --job")
+    ap.add_argument("--job-max-length", type=int, default=128, help="eos variant max length")
+    ap.add_argument("--job-device", default="cpu", help="--device for --job")
+    ap.add_argument("--job-workers", type=int, default=1, help="--num-workers for --job")
     args = ap.parse_args(argv)
+    job = None
+    if args.job or args.job_only:
+        job = job_bench(args.job_pages, args.job_batch_size, args.job_reps, args.job_max_length,
+                        args.job_device, args.job_workers, args.job_pdfs, args.job_checkpoint)
+    if args.job_only:
+        print(json.dumps({"job": job}) if args.json else _job_lines(job))
+        return 0
 
     from testing.samples import write_sample_pdfs
 
@@ -216,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     # The headline entries: the real-world set with the text-layer predictor.
     result["efficiency"] = [e for e in result["real_world"]["efficiency"]
                             if e["predictor"] in (None, "text")]
+    if job is not None:
+        result["job"] = job
     if args.model:
         result["model"] = model_bench(args.model_pages, args.model_batch_sizes, args.model_reps,
                                       args.model_max_length, args.depth, args.max_age, args.threads)
@@ -243,7 +335,20 @@ def main(argv: list[str] | None = None) -> int:
         for r in m["speed"]:
             print(f"  B={r['batch_size']:>2} pages/s length-aware / document order: "
                   f"{r['length_aware_over_document_order']:.2f}x")
+    if job is not None:
+        print(_job_lines(job))
     return 0
+
+
+def _job_lines(job: dict) -> str:
+    lines = [f"job (torchrun, 1 rank, {job['device']}, {job['pages']} pages, batch "
+             f"{job['batch_size']}, eos max length {job['max_length']}, {job['reps']} interleaved "
+             f"reps; pages whose text differs: {job['pages_whose_text_differs']}):"]
+    for policy, r in job["policies"].items():
+        lines.append(f"  {policy:<15} {r['pages_per_s']:.2f} pages/s (work phase), decode "
+                     f"efficiency {r['efficiency']:.3f}")
+    lines.append(f"  length-aware / document order: {job['length_aware_over_document_order']:.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Config:
     overlap_post: bool = False
     post_every: float = 30.0
     absolute_source: bool = False
+    batching: str = "length_aware"
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
@@ -91,6 +92,8 @@ class Config:
             raise ConfigError("--overlap-post runs the --post stages beside OCR: give --post too")
         if self.post_every <= 0:
             raise ConfigError(f"--post-every must be > 0 seconds, got {self.post_every}")
+        if self.batching not in ("length_aware", "document_order"):
+            raise ConfigError(f"--batching must be length_aware or document_order, got {self.batching!r}")
 
 
 FIELD_HELP: dict[str, str] = {
@@ -176,6 +179,12 @@ FIELD_HELP: dict[str, str] = {
     "it; a file, glob or list file: the path from its folder; a URL or bucket/Hub listing: the "
     "path after its prefix). The relative form keeps /home/... paths out of an uploaded "
     "dataset; manifest.parquet's `location` always has the path read.",
+    "batching": "How each rank groups rendered pages into model batches. length_aware: pages wait "
+    "in a window of 4 batches and each batch takes pages of similar predicted length (text layer, "
+    "else ink), so short pages do not idle beside long ones (a batch decodes until its longest "
+    "page ends); no page waits more than 8 batches. document_order: consecutive pages, as the "
+    "stock CLI. Text is the same either way except on pages nougat's batch-level repetition check "
+    "flags (docs/fidelity.md).",
 }
 
 _NEGATED = {"markdown": "--no-markdown", "skipping": "--no-skipping", "steal": "--no-steal"}

@@ -142,7 +142,10 @@ def run_launcher(pdf: Path, out: Path, ckpt: Path, device: str, batch: int, fp32
     import pyarrow.parquet as pq
 
     cmd = [sys.executable, "-m", "nougat_dist.cli", "--input", str(pdf), "--output", str(out),
-           "--checkpoint", str(ckpt), "--device", device, "--batch-size", str(batch)]
+           "--checkpoint", str(ckpt), "--device", device, "--batch-size", str(batch),
+           # the CLI's batches: a page nougat's batch-level repetition check flags depends on its
+           # batch-mates (docs/fidelity.md), so length-aware batches could differ there
+           "--batching", "document_order"]
     _run(cmd + (["--full-precision"] if fp32 else []), _child_env(device), "the launcher", timeout)
     from nougat_dist.store.layout import OutputDir
 

@@ -1,85 +1,49 @@
-"""One rank's whole job: setup, the work loop with stealing (`Worker`), and the end."""
+"""One rank's work loop with stealing (`Worker`), and `run`: a rank's whole job around it (the end
+of the job is in job.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
-import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from nougat_dist import faults
 from nougat_dist.config import Config
-from nougat_dist.dist import DistInfo, describe, restart_count
+from nougat_dist.dist import DistInfo, describe
+from nougat_dist.job import (EXIT_OK, EXIT_STOPPED, StopFlag, auto_batch_size, finish,
+                             progress_bar)
 from nougat_dist.ocr.model import CpuThreads, model_source
 from nougat_dist.ocr.pages import PageRunner, RankStats, page_row
 from nougat_dist.ocr.nltk_words import _silence_nltk_download
+from nougat_dist.ocr.window import DEPTH, BatchWindow
 from nougat_dist.errors import SetupError
 from nougat_dist.ocr.render import (POLL_S, Batch, EncoderInput, LiveBatchSampler, PageDataset,
                                     RenderWatch, check_shm, close_loader, dead_workers,
                                     death_reason, discard_workers, is_poll_timeout, iterate,
                                     make_loader, pin_thread_alive, shm_free, shm_needed)
-from nougat_dist.provenance import run_fields
-from nougat_dist.sched.queue import ClaimQueue
+from nougat_dist.sched.queue import ClaimQueue, DocIds
 from nougat_dist.stages import overlap
 from nougat_dist.sched.plan import Plan, _build_plan, format_plan, unit_weights
 from nougat_dist.sched.steal import (ST_DONE_PAGES, StatusRounds, all_finished, plan_steals,
                                      stop_requested)
 from nougat_dist.store import attempts
-from nougat_dist.store import finalize as gather
-from nougat_dist.store import report as store_report
-from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
-from nougat_dist.store.index import chunk_paths
-from nougat_dist.store.layout import OutputDir
-from nougat_dist.store.status import STATUS_EVERY_S, STATUS_FILE, write_live_status
+from nougat_dist.store.chunks import ChunkWriter
+from nougat_dist.store.status import STATUS_EVERY_S, write_live_status
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-#: Stopped on request (SIGTERM/SIGUSR1/SIGINT) after committing: run the same command to resume.
-EXIT_STOPPED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: Render workers dying this many times in a row outside any page (so no page to blame) is a
 #: broken node (memory, /dev/shm), not a bad PDF.
 MAX_BLIND_RECOVERIES = 3
 #: How long a failed wait for a batch looks for the render worker that is dying.
 WORKER_EXIT_WAIT_S = 5.0
-
-
-class StopFlag:
-    """Set by the stop signals; a second Ctrl-C while stopping exits at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            # A second Ctrl-C is a person insisting. Repeated SIGTERM/SIGUSR1 is usually the same
-            # stop arriving twice (Slurm signals the whole step and torchrun forwards it again),
-            # so it must not cut the commit short.
-            if signum == signal.SIGINT:
-                raise SystemExit(EXIT_STOPPED)
-            return
-        self.requested = True
-        log.warning("received %s: finishing the current batch, committing, then stopping "
-                    "(Ctrl-C again to stop immediately)", signal.Signals(signum).name)
-
-    def install(self) -> None:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+#: How long the length-aware window waits for a rendered batch when it already holds one.
+READY_S = 0.01
 
 
 class Worker:
@@ -101,12 +65,15 @@ class Worker:
         self.device, self.cpu_cores, self.is_main = device, cpu_cores, is_main
         self._load = load
         self.stats = RankStats(rank=rank)
-        self.queue = ClaimQueue(plan.queues, rank, plan.units, _DocIds(plan.docs),
+        self.queue = ClaimQueue(plan.queues, rank, plan.units, DocIds(plan.docs),
                                 unit_weights(plan), plan.skip_set())
         self.watch = RenderWatch(cfg.num_workers)
         self.dataset = PageDataset(plan.docs, encoder_input, cfg.render_timeout, self.watch)
         self.sampler = LiveBatchSampler(self._claim, batch_size)
         self.loader = self._new_loader()
+        # --batching length_aware: rendered pages wait here to be grouped by predicted length.
+        self.window = (BatchWindow(batch_size, pin_memory=device.type == "cuda")
+                       if cfg.batching == "length_aware" else None)
         self._it: Any = None
         self._retry: list[tuple[int, int]] = []  # claimed pages to render again, before new units
         self._blind_recoveries = 0
@@ -161,7 +128,7 @@ class Worker:
                     # the wait.
                     self.writer.commit()
                     committed_on_stop = True
-                idle = self._it is None and self.queue.exhausted and not self._retry
+                idle = self._drained() and not self.window
                 if idle or self.rounds.ready():
                     if self._sync_round(idle):
                         break
@@ -181,7 +148,10 @@ class Worker:
         # predicts when its queue will be done.
         active = time.time() - stats.work_start - stats.idle_s
         rate = int(1000 * stats.pages / active) if stats.pages and active > 0 else 0
-        return self.queue.status(stats.pages, rate, self.stop.requested, self.batch_size,
+        # The reserve covers the claims this rank makes before its next post: one batch, and
+        # whatever the window still takes in before it is full.
+        room = self.window.capacity - len(self.window) if self.window is not None else 0
+        return self.queue.status(stats.pages, rate, self.stop.requested, self.batch_size + room,
                                  stats.failures).encode()
 
     def _sync_round(self, idle: bool) -> bool:
@@ -212,8 +182,35 @@ class Worker:
         self.rounds.post(self._vector())
         return False
 
+    def _drained(self) -> bool:
+        """Nothing more to render for now: the loader ended and nothing is left to claim."""
+        return self._it is None and self.queue.exhausted and not self._retry
+
     def _next_batch(self) -> Batch | None:
-        """The next rendered batch, or None: none ready within POLL_S (the loop gets on with
+        """The next batch for the model, or None (the loop gets on with rounds and looks again).
+
+        In document order it is the next rendered batch. Length-aware, the rendered batches
+        that are ready go into the window until it is full, and a batch comes out of it as soon
+        as it holds one: the model never waits for the sake of a better grouping, and the window
+        fills when rendering runs ahead of the model, which is when grouping pays."""
+        if self.window is None:
+            return self._next_rendered(POLL_S)
+        while not self.window.full() and not self._drained():
+            short = len(self.window) < self.batch_size
+            rendered = self._next_rendered(POLL_S if short else READY_S)
+            if rendered is None:
+                if short and self._it is not None:
+                    return None  # nothing rendered within POLL_S: rounds, then look again
+                break
+            failed = self.window.take(rendered)
+            if failed is not None:
+                return failed  # nothing to decode: no reason to hold these rows back
+        if self.window.ready(self._drained()):
+            return self.window.pop()
+        return None
+
+    def _next_rendered(self, wait_s: float) -> Batch | None:
+        """The next rendered batch, or None: none ready within `wait_s` (the loop gets on with
         rounds and looks again), the queue drained for now, or the workers were replaced.
 
         A render worker that died (a crash, or its page's timer) is found here, wherever the rank
@@ -221,6 +218,8 @@ class Worker:
         page never holds up a status round."""
         if self._it is None:
             self._it = iterate(self.loader)
+        if self.cfg.num_workers > 0:
+            self._it._timeout = wait_s  # DataLoader's own wait, read at each next()
         try:
             batch = next(self._it, None)
         except (RuntimeError, OSError, EOFError) as e:
@@ -246,13 +245,15 @@ class Worker:
 
     def _recover_render(self, dead: list[tuple[int, int | None]]) -> None:
         """Replace the render workers after some died; the page a dead worker was on becomes a
-        render_error row, every other claimed page is rendered again by the new workers."""
+        render_error row, every other claimed page is rendered again by the new workers (those
+        waiting in the length-aware window are rendered already and stay there)."""
         guilty = {}
         for worker_id, exitcode in dead:
             key = self.watch.current(worker_id)
             if key is not None:
                 guilty[key] = death_reason(key[1], exitcode, self.cfg.render_timeout)
-        pending = self.queue.in_flight()
+        parked = self.window.keys() if self.window is not None else set()
+        pending = [k for k in self.queue.in_flight() if k not in parked]
         log.warning("render worker(s) %s died (exit codes %s) on page(s) %s; rendering the other "
                     "%d claimed page(s) again", [w for w, _ in dead], [c for _, c in dead],
                     [f"{self.plan.docs[d].source}:{p}" for d, p in guilty] or "none",
@@ -301,19 +302,6 @@ class Worker:
         self.writer.maybe_commit()
 
 
-class _DocIds(Sequence[str]):
-    """doc_id by document index, read lazily (the plan's documents may be a DocTable)."""
-
-    def __init__(self, docs: Sequence[Any]) -> None:
-        self.docs = docs
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.docs[i].doc_id
-
-
 def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     """Run this rank's part of the job. Returns the process exit code."""
     t_start = time.monotonic()
@@ -331,21 +319,17 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
     model_id, dtype_name = source.model_id, source.dtype
     load: Callable[[], Any] = lambda: source.load(info.rank, info.device)
 
-    batch_size = cfg.batch_size or _auto_batch_size(info.device)
-    log.info("%s; dtype %s, batch size %d, %d render worker(s) x prefetch %d, checkpoint %s",
-             describe(info), dtype_name, batch_size, cfg.num_workers, cfg.prefetch_factor, model_id)
+    batch_size = cfg.batch_size or auto_batch_size(info.device)
+    log.info("%s; dtype %s, batch size %d, %d render worker(s) x prefetch %d, batches %s, "
+             "checkpoint %s", describe(info), dtype_name, batch_size, cfg.num_workers,
+             cfg.prefetch_factor, _batching_line(cfg, batch_size), model_id)
     check_shm(shm_needed(input_size, batch_size, cfg.num_workers, cfg.prefetch_factor,
                          info.local_world_size), shm_free(), cfg.num_workers, cfg.prefetch_factor)
-    cpu_cores = None
-    if (info.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and source.cpu_threads
-            and cfg.num_workers > 0):
-        # The render workers share the cores with the model; CpuThreads divides them from the
-        # first batches' costs. An explicit OMP_NUM_THREADS (torchrun sets 1) is left alone.
-        cpu_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpu_cores = _cpu_cores(cfg, info) if source.cpu_threads else None
     writer = ChunkWriter(Path(cfg.output), info.rank, cfg.commit_pages, cfg.commit_seconds)
     stop = StopFlag()
     with contextlib.ExitStack() as stack:
-        bar = _progress_bar(info, plan)
+        bar = progress_bar(info, plan)
         if bar is not None:
             stack.callback(bar.close)
         stop.install()
@@ -364,128 +348,31 @@ def run(cfg: Config, info: DistInfo, plan_only: bool = False) -> int:
             # A collective failed: usually a peer node died. Keep what this rank finished.
             attempts.commit_after_failure(writer)
             raise
-    stats = worker.stats
-    stats.wall_s = time.monotonic() - t_start
+    worker.stats.wall_s = time.monotonic() - t_start
     if info.is_main and worker.status:
-        write_live_status(Path(cfg.output), plan, worker.status, stats.work_start,
+        write_live_status(Path(cfg.output), plan, worker.status, worker.stats.work_start,
                           "stopped" if stopped else "gathering")
     if stopped:
         log.warning("stopped on request after committing %d page(s) this run (%d unit(s) in "
                     "flight are redone on resume); run the same command again to resume",
                     writer.committed_pages, writer.pending_units)
         return EXIT_STOPPED
-    return _finish(cfg, info, plan, stats, writer)
+    return finish(cfg, info, plan, worker.stats, writer)
 
 
-def _auto_batch_size(device: torch.device) -> int:
-    if device.type == "cuda":
-        # nougat's own rule: 0.3 pages per GB of GPU memory
-        mem = torch.cuda.get_device_properties(device).total_memory
-        return max(1, int(mem / 1024 / 1024 / 1000 * 0.3))
-    return 4
-
-
-def _progress_bar(info: DistInfo, plan: Plan):
-    if not info.is_main:
+def _cpu_cores(cfg: Config, info: DistInfo) -> int | None:
+    """Cores for CpuThreads to divide between the model and the render workers, or None."""
+    if info.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or cfg.num_workers == 0:
+        # An explicit OMP_NUM_THREADS (torchrun sets 1) is left alone.
         return None
-    from tqdm import tqdm
-
-    todo_pages = plan.total_pages - plan.committed_pages
-    return tqdm(total=todo_pages, unit="page", desc="OCR", dynamic_ncols=True, smoothing=0.1,
-                mininterval=1.0)
+    # The render workers share the cores with the model; CpuThreads divides them from the
+    # first batches' costs.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "nougat-ocr", "transformers", "pypdfium2", "pyarrow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "missing"
-    from nougat_dist.provenance import tool_provenance
-
-    out.update(tool_provenance())  # type: ignore[arg-type]  (None: no git checkout or install)
-    return out
+def _batching_line(cfg: Config, batch_size: int) -> str:
+    if cfg.batching == "length_aware":
+        return f"length-aware (window of {DEPTH} x {batch_size} pages)"
+    return "in document order"
 
 
-def _run_stats(parts: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
-    """This run's fields of stats.json, from every rank's RankStats (as gathered)."""
-    wall = max(p["wall_s"] for p in parts)
-    pages_done = sum(p["pages"] for p in parts)
-    idle = sum(p["idle_s"] for p in parts)
-    return {
-        "pages_this_run": pages_done,
-        "wall_s": round(wall, 3),
-        # from the first rank starting work to the last rank finishing it (setup excluded)
-        "makespan_s": round(max(p["work_end"] for p in parts) - min(p["work_start"] for p in parts), 3),
-        "pages_per_s": round(pages_done / wall, 3) if wall > 0 else None,
-        "idle_fraction": round(idle / (wall * world_size), 4) if wall > 0 else None,
-        "busy_s": round(sum(p["busy_s"] for p in parts), 3),
-        "world_size": world_size,
-        "restart_count": restart_count(),
-        "per_rank": [
-            {"rank": p["rank"], "host": p["host"], "pages": p["pages"], "units": p["units"],
-             "units_stolen": p["units_stolen"],
-             "pages_per_s": round(p["pages"] / p["busy_s"], 3) if p["busy_s"] else None,
-             "busy_s": round(p["busy_s"], 3), "idle_s": round(p["idle_s"], 3),
-             "failures": p["failures"], "oom_retries": p["oom_retries"],
-             "render_recoveries": p["render_recoveries"], "rounds": p["rounds"]}
-            for p in parts
-        ],
-    }
-
-
-def _finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: ChunkWriter) -> int:
-    out = Path(cfg.output)
-    mine = {**stats.__dict__, "host": platform.node(), "chunks": writer.committed}
-    if info.distributed:
-        parts: list[Any] = [None] * info.world_size
-        dist.all_gather_object(parts, mine, group=info.control_group)
-        dist.barrier(group=info.control_group)
-    else:
-        parts = [mine]
-    if not info.is_main:
-        return EXIT_OK
-    attempts.wait_for_chunks(out, [name for p in parts for name in p["chunks"]])
-    # The same code as `nougat-dist finalize OUT`, which redoes this step alone if it dies here.
-    final = gather.finalize(out, cfg.finalize_memory, plan.entries)
-    counts = final.pages_by_status
-    run = _run_stats(parts, info.world_size)
-    history = attempts.summarize(out, attempts.current_attempt() or "")
-    result = {
-        "complete": True,
-        "documents": final.documents,
-        "finalize_s": final.wall_s,
-        "pages_total": plan.total_pages,
-        "pages_resumed": plan.committed_pages,
-        "pages_by_status": counts,
-        "failed_pages": final.failed_pages,
-        "duplicate_rows_removed": final.duplicate_rows_removed,
-        # Σ page tokens / Σ (batch size x batch decode steps), from the committed page rows
-        "decode": gather.decode_efficiency(out),
-        **run,
-        **history,
-        # this run's id, start and end, and every run whose pages the output holds
-        **run_fields(chunk_paths(out), plan.run_id, plan.started_at, history["attempts"]),
-        "config": {k: v for k, v in cfg.__dict__.items()},
-        "versions": _versions(),
-    }
-    atomic_write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", OutputDir(out).stats)
-    atomic_write_text(json.dumps({"state": "finished", "updated": time.time(),
-                                  "pages_total": plan.total_pages, "pages_done": plan.total_pages,
-                                  "pages_per_s": result["pages_per_s"], "eta_s": 0,
-                                  "failures_by_status": {k: v for k, v in counts.items()
-                                                         if k in gather.FAILED_STATUSES},
-                                  "ranks_alive": 0, "per_rank": result["per_rank"]}, indent=2) + "\n",
-                      out / STATUS_FILE)
-    msg = (f"done: {final.documents} documents, {plan.total_pages} pages "
-           f"({run['pages_this_run']} this run, {plan.committed_pages} resumed) in "
-           f"{run['wall_s']:.1f}s → {out}")
-    log.info(msg)
-    overlap.after_job(cfg)  # --post: the last increment, or the stages over the whole output
-    # Which inputs need a look, by name: failed pages, unreadable inputs, duplicates.
-    for line in store_report.build(out).lines(out):
-        log.warning(line)
-    return EXIT_OK

@@ -104,3 +104,35 @@ def test_predictor_on_sample_pages(sample_pdfs):
 def _blank_page() -> pypdfium2.PdfPage:
     pdf = pypdfium2.PdfDocument.new()
     return pdf.new_page(200, 300)
+
+
+def test_batch_window_groups_rendered_pages_and_passes_failed_ones_through():
+    """ocr/window.BatchWindow, what the work loop uses: rendered batches in, batches of similar
+    predicted length out, each page's tensor and figures kept with its key; a page that did not
+    render comes straight back."""
+    import torch
+
+    from nougat_dist.ocr.render import Batch
+    from nougat_dist.ocr.window import BatchWindow
+
+    w = BatchWindow(batch_size=2, depth=2)
+    a = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    failed = w.take(Batch(keys=[(0, 1), (0, 2), (0, 3)], images=a, ok_index=[0, 2],
+                          errors={1: "boom"}, render_ms=[1.0, 2.0, 3.0],
+                          predicted_tokens=[10.0, 0.0, 500.0]))
+    assert failed is not None and failed.keys == [(0, 2)] and failed.images is None
+    assert failed.errors == {0: "boom"} and failed.render_ms == [2.0]
+    assert w.keys() == {(0, 1), (0, 3)} and not w.full() and w.ready(drained=False)
+    b = a + 1000
+    assert w.take(Batch(keys=[(1, 1), (1, 2)], images=b, ok_index=[0, 1], errors={},
+                        render_ms=[4.0, 5.0], predicted_tokens=[490.0, 12.0])) is None
+    a.zero_()  # the window holds copies: the render workers' buffers can go
+    assert w.full()
+    first = w.pop()
+    assert first.keys == [(0, 1), (1, 2)] and first.ok_index == [0, 1] and not first.errors
+    assert first.render_ms == [1.0, 5.0] and first.predicted_tokens == [10.0, 12.0]
+    assert torch.equal(first.images[0], torch.arange(48, dtype=torch.float32).reshape(3, 4, 4))
+    assert torch.equal(first.images[1], b[1])
+    second = w.pop()
+    assert second.keys == [(0, 3), (1, 1)] and torch.equal(second.images[1], b[0])
+    assert len(w) == 0 and not w.keys() and not w.ready(drained=True)

@@ -51,8 +51,9 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def run_ours(pdfs: list[Path], out: Path, ckpt: Path, full_precision: bool) -> dict[str, dict]:
-    """The launcher's job in this process, one rank, document order; page rows by file name.
+def run_ours(pdfs: list[Path], out: Path, ckpt: Path, full_precision: bool,
+             batching: str = "document_order") -> dict[str, dict]:
+    """The launcher's job in this process, one rank; page rows by file name.
 
     worker.run is what launch.py runs once its process is set up; the process-wide setup around
     it (logging handlers, gc.freeze, killing leftover children) is left out, as it would reach
@@ -62,7 +63,8 @@ def run_ours(pdfs: list[Path], out: Path, ckpt: Path, full_precision: bool) -> d
     from nougat_dist.worker import run
 
     args = ["--input", *map(str, pdfs), "--output", str(out), "--checkpoint", str(ckpt),
-            "--batch-size", str(BATCH), "--num-workers", "0", "--device", "cpu"]
+            "--batch-size", str(BATCH), "--num-workers", "0", "--device", "cpu",
+            "--batching", batching]
     cfg, _ = parse_args(args + (["--full-precision"] if full_precision else []))
     info = ndist.init(cfg.device, control_backend=cfg.control_backend)
     try:
@@ -216,3 +218,30 @@ def test_length_aware_batches_change_no_text_where_no_page_is_flagged(variants, 
     aware = make_batches("length_aware", items, 2, depth=3)
     assert sorted(map(sorted, document)) != sorted(map(sorted, aware)), "same batches: proves nothing"
     assert _texts(model, images, aware) == _texts(model, images, document)
+
+
+def test_the_text_checkpoint_gives_every_page_the_same_text_under_both_batchings(
+        tiny_checkpoint, sample_pdfs, tmp_path, monkeypatch):
+    """The real job (worker.run, the tiny checkpoint through nougat's from_pretrained, 1 rank):
+    the default `text` model's pages do not depend on their batch-mates, so length-aware batches
+    give every page the text document order gives."""
+    from nougat_dist.worker import Worker
+
+    texts, batches = {}, {}
+    for policy in ("document_order", "length_aware"):
+        seen: list[list[tuple[int, int]]] = []
+        process = Worker._process
+
+        def recording(self, batch, seen=seen, process=process):
+            seen.append(list(batch.keys))
+            return process(self, batch)
+        monkeypatch.setattr(Worker, "_process", recording)
+        run_ours(sample_pdfs, tmp_path / policy, tiny_checkpoint, False, policy)
+        monkeypatch.undo()
+        rows = pq.read_table(tmp_path / policy / "pages").to_pylist()
+        assert {r["status"] for r in rows} == {"ok"}
+        texts[policy] = {(Path(r["source"]).name, r["page"]): r["text"] for r in rows}
+        batches[policy] = seen
+    assert len(texts["length_aware"]) == 11
+    assert batches["length_aware"] != batches["document_order"], "same batches: proves nothing"
+    assert texts["length_aware"] == texts["document_order"]

@@ -86,9 +86,10 @@ def make_plan(pdfs: list[Path], out: Path, world_size: int, unit_pages: int) -> 
 def make_worker(plan: Plan, out: Path, rank: int, rounds: object, *, delay: float = 0.0,
                 stop: object = NoStop(), num_workers: int = 0, batch_size: int = 2,
                 commit_pages: int = 1, model: object | None = None,
-                render_timeout: float = 20) -> Worker:
+                render_timeout: float = 20, batching: str = "length_aware") -> Worker:
     cfg = Config(input=["x"], output=str(out), num_workers=num_workers, batch_size=batch_size,
-                 commit_pages=commit_pages, render_timeout=render_timeout)
+                 commit_pages=commit_pages, render_timeout=render_timeout,
+                 batching=batching)
     writer = ChunkWriter(out, rank, commit_pages, commit_seconds=3600)
     m = model if model is not None else FakeModel(f"delay={delay}", rank)
     return Worker(cfg, plan, rank=rank, world_size=len(plan.queues), load=lambda: m,
@@ -357,3 +358,140 @@ def test_a_dead_pin_memory_thread_is_not_waited_on_forever(sample_pdfs, tmp_path
     w._it = _TimedOutIter([_Proc(False, -9)])
     assert w._next_batch() is None
     assert w.stats.render_recoveries == 1 and w._retry == claimed and w._it is None
+
+
+# --- length-aware batches (--batching length_aware, the default) ---------------------------------
+
+def claim_order(plan: Plan) -> list[tuple[int, int]]:
+    return [(u.doc, p) for u in (plan.units[i] for i in plan.queues[0]) for p in u.pages()]
+
+
+class Recorder:
+    """Watches a worker: the batches its model ran, and at every commit, that each unit the chunk
+    completes had every page processed and none waiting in the length-aware window."""
+
+    def __init__(self, w: Worker) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+        self.processed: set[tuple[int, int]] = set()
+        self.commits = 0
+        index = {d.doc_id: i for i, d in enumerate(w.plan.docs)}
+        process, commit = w._process, w.writer.commit
+
+        def hooked_process(batch):
+            self.batches.append(list(batch.keys))
+            assert self.processed.isdisjoint(batch.keys), "a page processed twice"
+            self.processed.update(batch.keys)
+            return process(batch)
+
+        def hooked_commit():
+            path = commit()
+            if path is not None:
+                self.commits += 1
+                parked = w.window.keys() if w.window is not None else set()
+                for key in chunk_units(path):
+                    doc_id, first, last = manifest.parse_unit_key(key)
+                    pages = {(index[doc_id], p) for p in range(first, last + 1)}
+                    assert pages <= self.processed and pages.isdisjoint(parked), key
+            return path
+
+        w._process, w.writer.commit = hooked_process, hooked_commit
+
+
+def test_length_aware_batches_process_every_page_once_and_commit_whole_units(sample_pdfs,
+                                                                            tmp_path):
+    texts, batches = {}, {}
+    for policy in ("document_order", "length_aware"):
+        out = tmp_path / policy
+        plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
+        w = make_worker(plan, out, 0, OneRankRounds(), batching=policy)
+        rec = Recorder(w)
+        assert w.run() is False
+        rows = committed(out)
+        assert sorted((r["doc_id"], r["page"]) for r in rows) == sorted(all_pages(plan))
+        assert rec.processed == set(claim_order(plan)) and rec.commits > 1
+        assert all(len(b) <= 2 for b in rec.batches)
+        check_chunks_hold_whole_units(out)
+        final = w.rounds.history[-1][0]
+        assert final.finished == 1 and final.inflight == 0 and not w.window
+        texts[policy] = {(r["doc_id"], r["page"]): r["text"] for r in rows}
+        batches[policy] = rec.batches
+        order = claim_order(plan)
+    assert batches["document_order"] == [order[i:i + 2] for i in range(0, len(order), 2)]
+    assert batches["length_aware"] != batches["document_order"], "the window changed nothing"
+    assert texts["length_aware"] == texts["document_order"]
+
+
+class StopWithParkedPages(StopAfter):
+    """A stop request once `pages` pages are processed; records the window at that moment."""
+
+    parked_at_stop: set | None = None
+
+    @property
+    def requested(self) -> bool:
+        if not super().requested:
+            return False
+        if self.parked_at_stop is None:
+            self.parked_at_stop = self.worker.window.keys()
+        return True
+
+
+def test_stop_with_pages_in_the_window_commits_nothing_half_and_resume_does_the_rest(
+        sample_pdfs, tmp_path):
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
+    stop = StopWithParkedPages(2)
+    w = make_worker(plan, out, 0, OneRankRounds(), stop=stop, commit_pages=1000)
+    stop.worker = w
+    rec = Recorder(w)
+    assert w.run() is True
+    assert stop.parked_at_stop, "the stop came with no page in the window: proves nothing"
+    first = {(r["doc_id"], r["page"]) for r in committed(out)}
+    assert 0 < len(first) < len(all_pages(plan))
+    check_chunks_hold_whole_units(out)
+    ids = [d.doc_id for d in plan.docs]
+    # pages left in the window were never processed, and none of them was committed
+    assert w.window.keys().isdisjoint(rec.processed)
+    assert not {(ids[d], p) for d, p in w.window.keys()} & first
+
+    plan2 = decide_plan(out, plan.entries, 2, 1)
+    w2 = make_worker(plan2, out, 0, OneRankRounds())
+    assert w2.run() is False
+    rows = [(r["doc_id"], r["page"]) for r in committed(out)]
+    assert sorted(rows) == sorted(all_pages(plan))  # every page exactly once over both runs
+    check_chunks_hold_whole_units(out)
+
+
+def test_render_recovery_keeps_the_pages_waiting_in_the_window(sample_pdfs, tmp_path,
+                                                               monkeypatch):
+    """A render worker dies while rendered pages wait in the window: only the pages it had not
+    handed over are rendered again; the waiting ones are processed once, from the window. The
+    model (0.3 s a page) is slower than rendering, so rendered batches wait in the window."""
+    out = tmp_path / "out"
+    plan = make_plan(sample_pdfs, out, world_size=1, unit_pages=2)
+    order = claim_order(plan)
+    assert len(order) == 11
+    # The fifth batch of two: batches a render worker sent but the rank had not received when it
+    # died are lost with it (their shared memory goes through the sender), so the window holds
+    # what came before.
+    guilty = order[8]
+    name = Path(plan.docs[guilty[0]].source).name
+    monkeypatch.setenv(faults.ENV, f"render-crash:{name}:{guilty[1]}")
+    w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1, delay=0.3)
+    rec = Recorder(w)
+    parked: list[set] = []
+    recover = w._recover_render
+
+    def hooked(dead):
+        parked.append(w.window.keys())
+        return recover(dead)
+    w._recover_render = hooked
+
+    assert w.run() is False
+    assert len(parked) == 1 and parked[0] and guilty not in parked[0], parked
+    assert not set(w._retry) and rec.processed == set(order) and w.stats.pages == len(order)
+    rows = committed(out)
+    assert sorted((r["doc_id"], r["page"]) for r in rows) == sorted(all_pages(plan))
+    assert [(r["page"], r["status"]) for r in rows if r["status"] != "ok"] == [
+        (guilty[1], "render_error")]
+    assert w.stats.render_recoveries == 1
+    check_chunks_hold_whole_units(out)

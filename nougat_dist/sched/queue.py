@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:
     from nougat_dist.store.manifest import Unit
@@ -61,6 +61,19 @@ class Claim:
     unit_key: str
     n_pages: int
     pages: list[tuple[int, int]]  # (doc index, page); page 0 = the document's error row
+
+
+class DocIds(Sequence[str]):
+    """doc_id by document index, read lazily (the plan's documents may be a DocTable)."""
+
+    def __init__(self, docs: Sequence[Any]) -> None:
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.docs[i].doc_id
 
 
 class StealLike(Protocol):
