@@ -57,7 +57,7 @@ def test_dry_run_plan_and_card(out_dir: Path, capsys: pytest.CaptureFixture[str]
         add("chunks/train-00000-of-00002.parquet"), add("chunks/train-00001-of-00002.parquet"),
         add("documents/train-00000-of-00001.parquet"), add("pages/part-r00000-000000.parquet"),
         add("pages/part-r00001-000000.parquet"), add("clean/documents/train-00000-of-00001.parquet"),
-        add("clean/pages/train-00000-of-00001.parquet"), add("stats.json"),
+        add("clean/pages/train-00000-of-00001.parquet"), add("run_stats.json"),
         add("clean/report.json"), add("clean/dropped/train-00000-of-00001.parquet"),
         f"  add README.md <- generated dataset card ({len(card.encode())} bytes, sha256 "
         f"{hashlib.sha256(card.encode()).hexdigest()[:16]})",
@@ -208,11 +208,35 @@ def test_upload_through_large_folder(out_dir: Path, hub: Hub) -> None:
     up.upload(out_dir, "org/papers", api=api, num_workers=2, echo=lambda s: None)
     assert hub.files == _expected_repo(out_dir)
     assert "logs/rank0.log" not in hub.files and not any(".tmp-" in f for f in hub.files)
+    assert "stats.json" not in hub.files and "run_stats.json" in hub.files
     assert sorted(hub.lfs_puts) == sorted(set(hub.lfs_puts))  # each LFS object sent once
     # Again: everything is committed already; nothing is sent.
     puts, commits = len(hub.lfs_puts), len(hub.commits)
     up.upload(out_dir, "org/papers", api=api, num_workers=2, echo=lambda s: None)
     assert (len(hub.lfs_puts), len(hub.commits)) == (puts, commits)
+
+
+def test_the_repo_gets_stats_without_local_paths_or_hosts(out_dir: Path) -> None:
+    """run_stats.json is stats.json less the inputs, the output, the checkpoint's folder and the
+    host names; every other figure and setting is kept."""
+    stats = {"pages_total": 9, "versions": {"nougat-dist": "0.4.0"}, "run_id": "r1",
+             "config": {"input": ["/home/ana/papers"], "output": "/scratch/ana/out",
+                        "checkpoint": "/models/nougat-0.1.0-small", "batch_size": 24},
+             "per_rank": [{"rank": 0, "host": "gpu-node-17", "pages": 9}],
+             "attempts": [{"attempt": "a1", "hosts": ["gpu-node-17"], "pages": 9}]}
+    (out_dir / "stats.json").write_text(json.dumps(stats))
+    up.write_public_stats(out_dir)
+    text = (out_dir / up.PUBLIC_STATS_FILE).read_text()
+    for local in ("/home/ana", "/scratch/ana", "/models/", "gpu-node-17"):
+        assert local not in text
+    public = json.loads(text)
+    assert public["config"] == {"checkpoint": "nougat-0.1.0-small", "batch_size": 24}
+    assert public["per_rank"] == [{"rank": 0, "pages": 9}]
+    assert public["attempts"] == [{"attempt": "a1", "pages": 9}]
+    assert {k: public[k] for k in ("pages_total", "versions", "run_id")} == \
+        {k: stats[k] for k in ("pages_total", "versions", "run_id")}
+    assert [f.path_in_repo for f in up.planned_files(out_dir)].count("run_stats.json") == 1
+    assert "stats.json" not in [f.path_in_repo for f in up.planned_files(out_dir)]
 
 
 _UPLOAD_SCRIPT = """
@@ -246,6 +270,7 @@ def test_upload_killed_half_way_resumes_without_resending(out_dir: Path, hub: Hu
     finally:
         proc.kill()
         proc.wait()
+    expected = _expected_repo(out_dir)  # with run_stats.json, which the upload wrote first
     first = set(hub.files)
     assert 0 < len(first) < len(expected), f"the kill did not land half-way: {len(first)} files committed"
     puts = len(hub.lfs_puts)

@@ -10,7 +10,8 @@ only and never printed.
 
 Note: the `source` columns hold each document's path relative to the input it was found under
 (absolute with --absolute-source); page rows committed by a release before that keep the path
-they were written with, and stats.json holds the job's config: check them before a public push.
+they were written with: check them before a public push. stats.json itself stays local: the repo
+gets run_stats.json, the same figures without local paths and host names.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 
 from nougat_dist.store.finalize import status_counts
 from nougat_dist.store.index import chunk_paths, committed_models
-from nougat_dist.store.layout import CLEAN_REPORT_FILE, DOCUMENTS_DIR
+from nougat_dist.store.layout import CLEAN_REPORT_FILE, DOCUMENTS_DIR, OutputDir
 from nougat_dist.store.shards import shard_glob
 from nougat_dist.stages.text import CHUNKS_SCHEMA, CLEAN_DOCUMENTS_SCHEMA, CLEAN_PAGES_SCHEMA
 from nougat_dist.store.layout import CHUNKS_DIR, CLEAN_DIR
@@ -62,7 +63,12 @@ CONFIGS = (
     Config("clean_pages", shard_glob(f"{CLEAN_DIR}/pages"), CLEAN_PAGES_SCHEMA, "pages after clean/filter/dedup"),
 )
 # Side files uploaded as they are (reports a reader of the dataset may want).
-EXTRA_FILES = ("stats.json", f"{CLEAN_DIR}/{CLEAN_REPORT_FILE}", shard_glob(f"{CLEAN_DIR}/dropped"))
+#: stats.json as the repo gets it (written by `upload`): the job's figures, versions, run ids and
+#: settings, without what only means something on the machine that ran it.
+PUBLIC_STATS_FILE = "run_stats.json"
+#: Settings that name local paths: the inputs and output are dropped, a checkpoint keeps its name.
+_LOCAL_SETTINGS = ("input", "output")
+EXTRA_FILES = (PUBLIC_STATS_FILE, f"{CLEAN_DIR}/{CLEAN_REPORT_FILE}", shard_glob(f"{CLEAN_DIR}/dropped"))
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,39 @@ class PlannedFile:
     size: int
 
 
+def public_stats(out_dir: Path) -> str | None:
+    """run_stats.json's text: stats.json without local paths (--input, --output, the checkpoint's
+    folder) and host names (per rank, per attempt); None before the job has finished."""
+    path = OutputDir(out_dir).stats
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text(encoding="utf-8"))
+    settings = stats.get("config") or {}
+    for key in _LOCAL_SETTINGS:
+        settings.pop(key, None)
+    if settings.get("checkpoint"):
+        settings["checkpoint"] = Path(settings["checkpoint"]).name
+    for rank in stats.get("per_rank") or []:
+        rank.pop("host", None)
+    for attempt in stats.get("attempts") or []:
+        attempt.pop("hosts", None)
+    return json.dumps(stats, indent=2, sort_keys=True) + "\n"
+
+
+def write_public_stats(out_dir: Path) -> None:
+    """OUTPUT/run_stats.json from stats.json, rewritten only when it changed (a new mtime makes
+    upload_large_folder send it again)."""
+    from nougat_dist.store.chunks import atomic_write_text
+
+    text = public_stats(out_dir)
+    path = out_dir / PUBLIC_STATS_FILE
+    if text is not None and (not path.is_file() or path.read_text(encoding="utf-8") != text):
+        atomic_write_text(text, path)
+
+
 def planned_files(out_dir: Path) -> list[PlannedFile]:
-    """Every file to upload, data first, in a stable order (manifest and logs stay local)."""
+    """Every file to upload, data first, in a stable order (manifest, stats.json and logs stay
+    local; run_stats.json goes instead of stats.json)."""
     names: list[str] = []
     for cfg in CONFIGS:
         names += sorted(str(p.relative_to(out_dir)) for p in out_dir.glob(cfg.pattern)
@@ -173,6 +210,7 @@ def upload(out_dir: Path, repo_id: str, *, api: Any = None, token: str | None = 
     (HTTP 429/5xx included) and records its progress under OUTPUT/.cache/huggingface/, so the same
     command after a crash sends only what is not committed yet.
     """
+    write_public_stats(out_dir)  # a local file; the dry run lists it too
     files = planned_files(out_dir)
     card = dataset_card(out_dir, repo_id)
     if dry_run:
