@@ -7,10 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from nougat_dist.errors import UsageError
+
 DEFAULT_MODEL_TAG = "0.1.0-small"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration the job cannot run with; the message says what to change."""
 
 

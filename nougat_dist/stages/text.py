@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
+from nougat_dist.errors import UsageError
+
 CLEAN_PAGES_SCHEMA = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
@@ -78,9 +80,9 @@ class CleanOptions:
     def __post_init__(self) -> None:
         for name in ("min_alpha_fraction", "min_unique_word_fraction", "boilerplate_min_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be within [0, 1]")
+                raise UsageError(f"--{name.replace('_', '-')} must be within [0, 1]")
         if self.max_line_repeats < 1:
-            raise ValueError("--max-line-repeats must be >= 1")
+            raise UsageError("--max-line-repeats must be >= 1")
 
 
 def normalise(text: str) -> str:

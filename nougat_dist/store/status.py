@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nougat_dist.errors import MissingInputError
 from nougat_dist.store.layout import STATUS_FILE, OutputDir  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def collect(out: Path) -> dict[str, Any]:
 
     entries = load(out)
     if entries is None:
-        raise FileNotFoundError(f"{out} has no manifest.parquet: not a nougat-dist output dir, "
+        raise MissingInputError(f"{out} has no manifest.parquet: not a nougat-dist output dir, "
                                 "or the job has not got past building its manifest")
     docs = unique_docs(entries)
     total = int(make_units(docs, 1).n_pages.sum())  # unit size does not change page counts
