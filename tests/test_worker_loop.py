@@ -475,7 +475,7 @@ def test_render_recovery_keeps_the_pages_waiting_in_the_window(sample_pdfs, tmp_
     # what came before.
     guilty = order[8]
     name = Path(plan.docs[guilty[0]].source).name
-    monkeypatch.setenv(faults.ENV, f"render-crash:{name}:{guilty[1]}")
+    monkeypatch.setenv(faults.ENV, faults.value(f"render-crash:{name}:{guilty[1]}"))
     w = make_worker(plan, out, 0, OneRankRounds(), num_workers=1, delay=0.3)
     rec = Recorder(w)
     parked: list[set] = []
