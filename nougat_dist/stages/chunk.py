@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nougat_dist.errors import MissingInputError, UsageError
+from nougat_dist.flags import option
 from nougat_dist.stages.options import add_option_flags, columns as _columns
 from nougat_dist.stages.text import CHUNKS_SCHEMA, PAGE_SEPARATOR
 from nougat_dist.store.index import add_allow_partial, require_finished
@@ -66,13 +67,12 @@ def load_tokenizer(path: str | Path | None):  # -> tokenizers.Tokenizer
 class ChunkOptions:
     """Chunk sizes (flag = field name with dashes)."""
 
-    max_tokens: int = 512
-    """Most tokens in one chunk."""
-    overlap: int = 64
-    """Tokens each chunk repeats from the end of the previous chunk of the same document (must be
-    below half of max_tokens)."""
-    rows_per_file: int = 100_000
-    """Most chunks per Parquet shard in chunks/ (a shard also ends at 256 MB)."""
+    max_tokens: int = option(512, "Most tokens in one chunk.")
+    overlap: int = option(64,
+        "Tokens each chunk repeats from the end of the previous chunk of the same document (must "
+        "be below half of max_tokens).")
+    rows_per_file: int = option(100_000,
+        "Most chunks per Parquet shard in chunks/ (a shard also ends at 256 MB).")
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
