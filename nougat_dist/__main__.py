@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Callable
 
+from nougat_dist.errors import SetupError, UsageError
+
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
@@ -72,8 +74,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m nougat_dist") -> 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as e:
-        # Missing inputs and bad thresholds are the user's to fix: one line, no traceback.
+    except (UsageError, SetupError) as e:
+        # Missing inputs, bad thresholds and a held lease are the user's to fix: one line, no
+        # traceback. Any other error is a bug or a failure whose traceback is needed to fix it.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -4,53 +4,146 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
+
+from nougat_dist.errors import UsageError
+from nougat_dist.flags import help_of, option
 
 DEFAULT_MODEL_TAG = "0.1.0-small"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration the job cannot run with; the message says what to change."""
 
 
 @dataclass(kw_only=True)
 class Config:
-    """Everything a run needs; each field is a flag whose `--help` text is in `FIELD_HELP`."""
+    """Everything a run needs; each field is a flag, declared with its `--help` text."""
 
-    input: list[str] = field(default_factory=list)
-    output: str = ""
-    checkpoint: str | None = None
-    model: str = DEFAULT_MODEL_TAG
-    batch_size: int = 0
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    render_timeout: float = 120.0
-    collective_timeout: float = 0.0
-    full_precision: bool = False
-    markdown: bool = True
-    skipping: bool = True
-    device: str = "auto"
-    control_backend: str = "auto"
-    unit_pages: int = 16
-    steal: bool = True
-    commit_pages: int = 256
-    commit_seconds: float = 60.0
-    rebuild_manifest: bool = False
-    discard_committed: bool = False
-    retry_failed: bool = False
-    redo_other_model: bool = False
-    plan_pages_per_s: float = 1.0
-    max_member_bytes: int = 512 * 2**20  # = inputs.members.DEFAULT_MAX_MEMBER_BYTES
-    max_page_pixels: int = 40_000_000
-    finalize_memory: int = 1024 * 2**20  # = store.finalize.DEFAULT_MEMORY_BUDGET
-    log_level: str = "INFO"
-    post: str = ""
-    post_repo: str = ""
-    overlap_post: bool = False
-    post_every: float = 30.0
-    absolute_source: bool = False
-    batching: str = "length_aware"
+    input: list[str] = option(default_factory=list, help=(
+        "PDF files, directories (searched recursively for *.pdf), glob patterns, or list files "
+        "(.txt/.lst: one path per line), archives, URLs, hf:// globs, and s3:// / gs:// objects, "
+        "globs or prefixes ending in / (pip install 'nougat-dist[s3]' / '[gcs]'). Give as many as "
+        "you like."))
+    output: str = option("",
+        "Output directory, or an s3:// / gs:// prefix (staged on each node's disk in "
+        "$NOUGAT_DIST_STAGING and pushed to the bucket as chunks commit). Holds manifest.parquet "
+        "(the resume checkpoint), pages/ (one Parquet row per page, committed in chunks), "
+        "documents/ (Parquet shards), stats.json and logs/. Run the same command again to resume.")
+    checkpoint: str | None = option(None,
+        "Nougat checkpoint directory. If it does not exist, nougat's own downloader fetches "
+        "--model into it (needs internet). Default: $NOUGAT_CHECKPOINT or torch hub's "
+        "nougat-<model> dir.")
+    model: str = option(DEFAULT_MODEL_TAG,
+        "Nougat model tag to download when no checkpoint is present (as the nougat CLI's "
+        "--model).")
+    batch_size: int = option(0,
+        "Pages per model.inference call on each rank. 0 = automatic: nougat's rule on GPU (0.3 "
+        "per GB of memory), 4 on CPU.")
+    num_workers: int = option(2,
+        "DataLoader worker processes per rank that render pages ahead of the model (0 = render in "
+        "the main process).")
+    prefetch_factor: int = option(2, "Batches each DataLoader worker prepares ahead.")
+    render_timeout: float = option(120.0,
+        "Seconds one page may take to render (open, rasterize, prepare_input). A page that takes "
+        "longer is stopped inside its render worker, and a page that crashes the renderer kills "
+        "only that worker (hostile PDFs can do both): either way that page becomes a render_error "
+        "row, the rank's other pages are rendered again by fresh workers, and the job goes on. "
+        "Needs --num-workers >= 1.")
+    collective_timeout: float = option(0.0,
+        "Seconds a rank waits for the other ranks in one collective (a status round, the plan "
+        "broadcast, a barrier) before the job fails. 0 = automatic: 1800. Rendering does not "
+        "count against it: while pages render the rank keeps trading status rounds (it checks its "
+        "render workers every second), and a page over --render-timeout is stopped in its worker; "
+        "so it has to cover the longest model batch, model load and manifest build. With "
+        "--num-workers 0 pages render inside the rank between two rounds, and automatic adds "
+        "--render-timeout x the batch size (64 when automatic).")
+    full_precision: bool = option(False,
+        "Run the model in float32 instead of bfloat16 (same meaning as the nougat CLI).")
+    markdown: bool = option(True,
+        "Apply nougat's markdown_compatible postprocessing (default on; --no-markdown as the "
+        "CLI).")
+    skipping: bool = option(True,
+        "Apply nougat's failure-detection heuristic (default on; --no-skipping as the CLI).")
+    device: str = option("auto",
+        "auto (cuda:LOCAL_RANK when a GPU is visible, else CPU), cuda, or cpu. auto never falls "
+        "back to the CPU when the job was given GPUs (CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE, "
+        "/dev/nvidia*) that torch cannot use: that exits with code 2 and the reason.")
+    control_backend: str = option("auto",
+        "Backend of the process group that carries the plan, status rounds, stealing and "
+        "barriers: auto = NCCL on GPUs (small CUDA tensors, asynchronous), gloo on CPU. gloo runs "
+        "them on the CPU even on GPUs: an escape hatch for a node whose NCCL does not work (set "
+        "GLOO_SOCKET_IFNAME on multi-homed nodes).")
+    unit_pages: int = option(16,
+        "Largest work unit, in pages. Long documents are split into units of at most this many "
+        "pages so that one book can be spread over several ranks.")
+    steal: bool = option(True,
+        "Let idle ranks take queued units from the most loaded rank (--no-steal: static split).")
+    commit_pages: int = option(256,
+        "Commit a Parquet chunk once this many pages of complete units are buffered.")
+    commit_seconds: float = option(60.0,
+        "Also commit at least this often (seconds), so a crash loses little work.")
+    rebuild_manifest: bool = option(False,
+        "Hash and count the pages of every input again instead of trusting unchanged size and "
+        "mtime (for file systems whose mtimes cannot be trusted). Committed pages of documents "
+        "whose content is unchanged are kept.")
+    discard_committed: bool = option(False,
+        "Start over: move every committed page of out/pages/ to out/superseded/discarded-<time>/ "
+        "and build the manifest from this run's inputs alone.")
+    retry_failed: bool = option(False,
+        "Do again the pages and documents whose rows have status error, render_error or fail "
+        "(after setting a password, fixing a PDF, a download coming back). Their old rows move to "
+        "out/superseded/. Unreadable documents are inspected again first.")
+    redo_other_model: bool = option(False,
+        "Resume an output whose committed pages came from another checkpoint or dtype by doing "
+        "those pages again with this one (their rows move to out/superseded/). Without it such a "
+        "resume is refused, so no document mixes two models.")
+    plan_pages_per_s: float = option(1.0,
+        "Pages per second per rank assumed by --plan's wall-time estimate (measure yours: "
+        "stats.json's per-rank pages_per_s of an earlier run).")
+    # default = inputs.members.DEFAULT_MAX_MEMBER_BYTES
+    max_member_bytes: int = option(512 * 2**20,
+        "Largest archive member read, by the uncompressed size its header declares (checked "
+        "before reading). A larger member becomes an error row. The default (512 MiB) keeps the "
+        "copies a rank and its render workers hold inside a 24 GiB node running 8 ranks.")
+    max_page_pixels: int = option(40_000_000,
+        "Largest page raster rendered at nougat's 96 dpi, in pixels (checked from the page size "
+        "before rendering). A larger page becomes a render_error row instead of taking gigabytes; "
+        "the default (40 million) admits a 2xA0 poster.")
+    # default = store.finalize.DEFAULT_MEMORY_BUDGET
+    finalize_memory: int = option(1024 * 2**20,
+        "Memory budget in bytes of the end of the job on rank 0 (documents/ built from the "
+        "committed pages; spills to OUTPUT/.scratch/ beyond it). The default (1 GiB) holds for "
+        "any corpus size; `nougat-dist finalize OUTPUT` redoes that step alone.")
+    log_level: str = option("INFO", "Console and log-file level (DEBUG, INFO, WARNING).")
+    post: str = option("",
+        "Post stages rank 0 runs when the job is complete, comma-separated and in this order: "
+        "clean, chunk, upload (as `nougat-dist clean|chunk|upload OUTPUT` with their defaults). "
+        "Empty: none.")
+    post_repo: str = option("",
+        "The Hub dataset repo --post upload sends to (e.g. my-org/papers-ocr; created if missing; "
+        "the token from HF_TOKEN or a saved login).")
+    overlap_post: bool = option(False,
+        "Run the --post stages while OCR runs: every --post-every seconds the documents whose "
+        "pages are all committed are cleaned, chunked and uploaded as one increment (one Hub "
+        "commit), so the dataset reaches the Hub as documents complete; the end of the job "
+        "publishes the rest. A background process of rank 0 at low priority; a crash or a stop "
+        "resumes each stage where it was.")
+    post_every: float = option(30.0, "Seconds between two increments of --overlap-post.")
+    absolute_source: bool = option(False,
+        "Store each document's `source` as its absolute local path (or full URL) instead of "
+        "relative to the --input it was found under (a directory given: the path inside it; a "
+        "file, glob or list file: the path from its folder; a URL or bucket/Hub listing: the path "
+        "after its prefix). The relative form keeps /home/... paths out of an uploaded dataset; "
+        "manifest.parquet's `location` always has the path read.")
+    batching: str = option("length_aware",
+        "How each rank groups rendered pages into model batches. length_aware: pages wait in a "
+        "window of 4 batches and each batch takes pages of similar predicted length (text layer, "
+        "else ink), so short pages do not idle beside long ones (a batch decodes until its "
+        "longest page ends); no page waits more than 8 batches. document_order: consecutive "
+        "pages, as the stock CLI. Text is the same either way except on pages nougat's "
+        "batch-level repetition check flags (docs/fidelity.md).")
 
     def __post_init__(self) -> None:
         if self.batch_size < 0:
@@ -96,97 +189,6 @@ class Config:
             raise ConfigError(f"--batching must be length_aware or document_order, got {self.batching!r}")
 
 
-FIELD_HELP: dict[str, str] = {
-    "input": "PDF files, directories (searched recursively for *.pdf), glob patterns, or list files "
-    "(.txt/.lst: one path per line), archives, URLs, hf:// globs, and s3:// / gs:// objects, "
-    "globs or prefixes ending in / (pip install 'nougat-dist[s3]' / '[gcs]'). Give as many as "
-    "you like.",
-    "output": "Output directory, or an s3:// / gs:// prefix (staged on each node's disk in "
-    "$NOUGAT_DIST_STAGING and pushed to the bucket as chunks commit). Holds manifest.parquet (the "
-    "resume checkpoint), pages/ (one Parquet row per page, committed in chunks), documents/ "
-    "(Parquet shards), stats.json and logs/. Run the same command again to resume.",
-    "checkpoint": "Nougat checkpoint directory. If it does not exist, nougat's own downloader fetches "
-    "--model into it (needs internet). Default: $NOUGAT_CHECKPOINT or torch hub's nougat-<model> dir.",
-    "model": "Nougat model tag to download when no checkpoint is present (as the nougat CLI's --model).",
-    "batch_size": "Pages per model.inference call on each rank. 0 = automatic: nougat's rule on GPU "
-    "(0.3 per GB of memory), 4 on CPU.",
-    "num_workers": "DataLoader worker processes per rank that render pages ahead of the model "
-    "(0 = render in the main process).",
-    "prefetch_factor": "Batches each DataLoader worker prepares ahead.",
-    "render_timeout": "Seconds one page may take to render (open, rasterize, prepare_input). A "
-    "page that takes longer is stopped inside its render worker, and a page that crashes the "
-    "renderer kills only that worker (hostile PDFs can do both): either way that page becomes a "
-    "render_error row, the rank's other pages are rendered again by fresh workers, and the job goes "
-    "on. Needs --num-workers >= 1.",
-    "collective_timeout": "Seconds a rank waits for the other ranks in one collective (a status "
-    "round, the plan broadcast, a barrier) before the job fails. 0 = automatic: 1800. Rendering "
-    "does not count against it: while pages render the rank keeps trading status rounds (it "
-    "checks its render workers every second), and a page over --render-timeout is stopped in its "
-    "worker; so it has to cover the longest model batch, model load and manifest build. With "
-    "--num-workers 0 pages render inside the rank between two rounds, and automatic adds "
-    "--render-timeout x the batch size (64 when automatic).",
-    "full_precision": "Run the model in float32 instead of bfloat16 (same meaning as the nougat CLI).",
-    "markdown": "Apply nougat's markdown_compatible postprocessing (default on; --no-markdown as the CLI).",
-    "skipping": "Apply nougat's failure-detection heuristic (default on; --no-skipping as the CLI).",
-    "device": "auto (cuda:LOCAL_RANK when a GPU is visible, else CPU), cuda, or cpu. auto never "
-    "falls back to the CPU when the job was given GPUs (CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE, "
-    "/dev/nvidia*) that torch cannot use: that exits with code 2 and the reason.",
-    "control_backend": "Backend of the process group that carries the plan, status rounds, "
-    "stealing and barriers: auto = NCCL on GPUs (small CUDA tensors, asynchronous), gloo on CPU. "
-    "gloo runs them on the CPU even on GPUs: an escape hatch for a node whose NCCL does not "
-    "work (set GLOO_SOCKET_IFNAME on multi-homed nodes).",
-    "unit_pages": "Largest work unit, in pages. Long documents are split into units of at most this "
-    "many pages so that one book can be spread over several ranks.",
-    "steal": "Let idle ranks take queued units from the most loaded rank (--no-steal: static split).",
-    "commit_pages": "Commit a Parquet chunk once this many pages of complete units are buffered.",
-    "commit_seconds": "Also commit at least this often (seconds), so a crash loses little work.",
-    "rebuild_manifest": "Hash and count the pages of every input again instead of trusting "
-    "unchanged size and mtime (for file systems whose mtimes cannot be trusted). Committed pages "
-    "of documents whose content is unchanged are kept.",
-    "discard_committed": "Start over: move every committed page of out/pages/ to "
-    "out/superseded/discarded-<time>/ and build the manifest from this run's inputs alone.",
-    "max_member_bytes": "Largest archive member read, by the uncompressed size its header declares "
-    "(checked before reading). A larger member becomes an error row. The default (512 MiB) keeps "
-    "the copies a rank and its render workers hold inside a 24 GiB node running 8 ranks.",
-    "max_page_pixels": "Largest page raster rendered at nougat's 96 dpi, in pixels (checked from the "
-    "page size before rendering). A larger page becomes a render_error row instead of taking "
-    "gigabytes; the default (40 million) admits a 2xA0 poster.",
-    "finalize_memory": "Memory budget in bytes of the end of the job on rank 0 (documents/ built "
-    "from the committed pages; spills to OUTPUT/.scratch/ beyond it). The default (1 GiB) holds for "
-    "any corpus size; `nougat-dist finalize OUTPUT` redoes that step alone.",
-    "retry_failed": "Do again the pages and documents whose rows have status error, render_error "
-    "or fail (after setting a password, fixing a PDF, a download coming back). Their old rows move "
-    "to out/superseded/. Unreadable documents are inspected again first.",
-    "redo_other_model": "Resume an output whose committed pages came from another checkpoint or "
-    "dtype by doing those pages again with this one (their rows move to out/superseded/). Without "
-    "it such a resume is refused, so no document mixes two models.",
-    "plan_pages_per_s": "Pages per second per rank assumed by --plan's wall-time estimate "
-    "(measure yours: stats.json's per-rank pages_per_s of an earlier run).",
-    "log_level": "Console and log-file level (DEBUG, INFO, WARNING).",
-    "post": "Post stages rank 0 runs when the job is complete, comma-separated and in this order: "
-    "clean, chunk, upload (as `nougat-dist clean|chunk|upload OUTPUT` with their defaults). "
-    "Empty: none.",
-    "post_repo": "The Hub dataset repo --post upload sends to (e.g. my-org/papers-ocr; created if "
-    "missing; the token from HF_TOKEN or a saved login).",
-    "overlap_post": "Run the --post stages while OCR runs: every --post-every seconds the "
-    "documents whose pages are all committed are cleaned, chunked and uploaded as one increment "
-    "(one Hub commit), so the dataset reaches the Hub as documents complete; the end of the job "
-    "publishes the rest. A background process of rank 0 at low priority; a crash or a stop "
-    "resumes each stage where it was.",
-    "post_every": "Seconds between two increments of --overlap-post.",
-    "absolute_source": "Store each document's `source` as its absolute local path (or full URL) "
-    "instead of relative to the --input it was found under (a directory given: the path inside "
-    "it; a file, glob or list file: the path from its folder; a URL or bucket/Hub listing: the "
-    "path after its prefix). The relative form keeps /home/... paths out of an uploaded "
-    "dataset; manifest.parquet's `location` always has the path read.",
-    "batching": "How each rank groups rendered pages into model batches. length_aware: pages wait "
-    "in a window of 4 batches and each batch takes pages of similar predicted length (text layer, "
-    "else ink), so short pages do not idle beside long ones (a batch decodes until its longest "
-    "page ends); no page waits more than 8 batches. document_order: consecutive pages, as the "
-    "stock CLI. Text is the same either way except on pages nougat's batch-level repetition check "
-    "flags (docs/fidelity.md).",
-}
-
 _NEGATED = {"markdown": "--no-markdown", "skipping": "--no-skipping", "steal": "--no-steal"}
 
 
@@ -223,7 +225,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     defaults = Config()
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
-        help_text = FIELD_HELP[f.name]
+        help_text = help_of(f)
         if f.name == "input":
             parser.add_argument("--input", "-i", nargs="+", default=[], help=help_text)
         elif f.name in _NEGATED:

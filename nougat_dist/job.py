@@ -7,7 +7,6 @@ import json
 import logging
 import platform
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from nougat_dist.store import report as store_report
 from nougat_dist.store.chunks import ChunkWriter, atomic_write_text
 from nougat_dist.store.index import chunk_paths
 from nougat_dist.store.layout import OutputDir
-from nougat_dist.store.status import STATUS_FILE
+from nougat_dist.store.status import write_final_status
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +161,7 @@ def finish(cfg: Config, info: DistInfo, plan: Plan, stats: RankStats, writer: Ch
         "versions": versions(),
     }
     atomic_write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", OutputDir(out).stats)
-    atomic_write_text(json.dumps({"state": "finished", "updated": time.time(),
-                                  "pages_total": plan.total_pages, "pages_done": plan.total_pages,
-                                  "pages_per_s": result["pages_per_s"], "eta_s": 0,
-                                  "failures_by_status": {k: v for k, v in counts.items()
-                                                         if k in gather.FAILED_STATUSES},
-                                  "ranks_alive": 0, "per_rank": result["per_rank"]}, indent=2) + "\n",
-                      out / STATUS_FILE)
+    write_final_status(out, plan, counts, run)
     msg = (f"done: {final.documents} documents, {plan.total_pages} pages "
            f"({run['pages_this_run']} this run, {plan.committed_pages} resumed) in "
            f"{run['wall_s']:.1f}s → {out}")

@@ -161,3 +161,23 @@ def test_live_status_counts_failures_by_status_and_rank(tmp_path):
                     "units_committed": 5, "pages_per_s": 10.0, "eta_s": 10.0,
                     "per_rank": live["per_rank"]})
     assert "failed" in table.splitlines()[-4] and table.splitlines()[-3].split() == ["0", "40", "2.5", "2"]
+
+
+def test_finished_status_has_the_live_per_rank_shape(tmp_path):
+    from types import SimpleNamespace
+
+    from nougat_dist.store.status import write_final_status, write_live_status
+    from nougat_dist.sched.steal import STATUS_LEN
+
+    plan = SimpleNamespace(total_pages=10, committed_pages=0)
+    write_live_status(tmp_path, plan, [[0] * STATUS_LEN], time.time() - 1, "running")
+    live = json.loads((tmp_path / "status.json").read_text())
+    run = {"pages_per_s": 2.0, "per_rank": [
+        {"rank": 0, "host": "a", "pages": 6, "pages_per_s": 1.5, "failures": {"fail": 1, "error": 1}},
+        {"rank": 1, "host": "b", "pages": 4, "pages_per_s": None, "failures": {}}]}
+    write_final_status(tmp_path, plan, {"ok": 8, "fail": 1, "error": 1}, run)
+    final = json.loads((tmp_path / "status.json").read_text())
+    assert set(final) == set(live) and final["state"] == "finished" and final["eta_s"] == 0
+    assert {tuple(sorted(r)) for r in final["per_rank"]} == {tuple(sorted(live["per_rank"][0]))}
+    assert [(r["pages"], r["failed"]) for r in final["per_rank"]] == [(6, 2), (4, 0)]
+    assert final["failures_by_status"] == {"fail": 1, "error": 1}

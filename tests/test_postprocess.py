@@ -132,6 +132,21 @@ def test_clean_needs_finished_job(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "run `nougat-dist clean" in capsys.readouterr().err
 
 
+def test_only_user_errors_lose_their_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad flag value is one line and exit 2; any other ValueError of a stage propagates."""
+    write_job_output(tmp_path)
+    assert main(["clean", str(tmp_path), "--min-alpha-fraction", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --min-alpha-fraction must be within [0, 1]"
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(pp, "clean", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["clean", str(tmp_path)])
+
+
 # --- chunk ---------------------------------------------------------------------------------------
 
 PAGES = [(1, "# Intro\n\nAlpha beta gamma delta.\nEpsilon zeta.\n\nEta theta iota kappa lambda mu."),

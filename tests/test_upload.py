@@ -299,3 +299,5 @@ def test_shards_renamed_by_a_later_run_leave_no_stale_copy(out_dir: Path, hub: H
 def test_upload_needs_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["upload", str(tmp_path), "org/x", "--dry-run"]) == 2
     assert "no Parquet output to upload" in capsys.readouterr().err
+    assert main(["upload", str(tmp_path), "not a repo", "--dry-run"]) == 2
+    assert "not a Hub repo id" in capsys.readouterr().err

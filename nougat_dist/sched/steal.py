@@ -135,10 +135,6 @@ class StatusRounds:
         self._posted = False
         self._out: list[torch.Tensor] = []
 
-    @property
-    def pending(self) -> bool:
-        return self._posted
-
     def post(self, vector: Sequence[int]) -> None:
         import torch.distributed as dist
 

@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nougat_dist.errors import MissingInputError, UsageError
+from nougat_dist.flags import option
 from nougat_dist.stages.options import add_option_flags, columns as _columns
 from nougat_dist.stages.text import CHUNKS_SCHEMA, PAGE_SEPARATOR
 from nougat_dist.store.index import add_allow_partial, require_finished
@@ -57,7 +59,7 @@ def load_tokenizer(path: str | Path | None):  # -> tokenizers.Tokenizer
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there")
+        raise MissingInputError(f"--tokenizer {path}: no tokenizer.json there")
     return Tokenizer.from_file(str(p))
 
 
@@ -65,19 +67,18 @@ def load_tokenizer(path: str | Path | None):  # -> tokenizers.Tokenizer
 class ChunkOptions:
     """Chunk sizes (flag = field name with dashes)."""
 
-    max_tokens: int = 512
-    """Most tokens in one chunk."""
-    overlap: int = 64
-    """Tokens each chunk repeats from the end of the previous chunk of the same document (must be
-    below half of max_tokens)."""
-    rows_per_file: int = 100_000
-    """Most chunks per Parquet shard in chunks/ (a shard also ends at 256 MB)."""
+    max_tokens: int = option(512, "Most tokens in one chunk.")
+    overlap: int = option(64,
+        "Tokens each chunk repeats from the end of the previous chunk of the same document (must "
+        "be below half of max_tokens).")
+    rows_per_file: int = option(100_000,
+        "Most chunks per Parquet shard in chunks/ (a shard also ends at 256 MB).")
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
-            raise ValueError("--max-tokens must be >= 2")
+            raise UsageError("--max-tokens must be >= 2")
         if not 0 <= self.overlap < self.max_tokens // 2:
-            raise ValueError("--overlap must be >= 0 and below half of --max-tokens, so every "
+            raise UsageError("--overlap must be >= 0 and below half of --max-tokens, so every "
                              "chunk moves forward")
 
 
@@ -202,7 +203,7 @@ def chunk(out_dir: Path, opts: ChunkOptions = ChunkOptions(), tokenizer_path: st
     out_dir = Path(out_dir)
     layout = OutputDir(out_dir)
     if not shard_paths(layout.clean_pages):
-        raise FileNotFoundError(f"{layout.clean_pages} not found: run `nougat-dist clean {out_dir}` first")
+        raise MissingInputError(f"{layout.clean_pages} not found: run `nougat-dist clean {out_dir}` first")
     tokenizer = load_tokenizer(tokenizer_path)
     scratch = scratch_dir(out_dir, "chunk")
     try:

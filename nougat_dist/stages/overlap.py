@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nougat_dist.errors import UsageError
 from nougat_dist.stages import chunk as chunk_stage
 from nougat_dist.stages import postprocess as clean_stage
 from nougat_dist.store.chunks import PAGES_SCHEMA, atomic_write_table, atomic_write_text
@@ -93,9 +94,9 @@ def parse_stages(text: str) -> tuple[str, ...]:
     stages = tuple(s.strip() for s in text.split(",") if s.strip())
     for s in stages:
         if s not in STAGES:
-            raise ValueError(f"--post: unknown stage {s!r} (choose from {', '.join(STAGES)})")
+            raise UsageError(f"--post: unknown stage {s!r} (choose from {', '.join(STAGES)})")
     if stages and stages != STAGES[:len(stages)]:
-        raise ValueError(f"--post: stages run in the order {','.join(STAGES)}, each after the ones "
+        raise UsageError(f"--post: stages run in the order {','.join(STAGES)}, each after the ones "
                          f"before it; got {text!r}")
     return stages
 

@@ -40,6 +40,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nougat_dist.errors import MissingInputError
 from nougat_dist.stages.options import add_option_flags, columns as _columns
 from nougat_dist.stages.text import (CHUNKS_SCHEMA, CLEAN_DOCUMENTS_SCHEMA,  # noqa: F401 (re-exported)
                                      CLEAN_PAGES_SCHEMA, DROPPED_SCHEMA, PAGE_SEPARATOR, CleanOptions,
@@ -88,7 +89,7 @@ class CleanReport:
 def _documents(out_dir: Path) -> list[Path]:
     paths = shard_paths(OutputDir(out_dir).documents)
     if not paths:
-        raise FileNotFoundError(f"{OutputDir(out_dir).documents} not found: clean needs a finished "
+        raise MissingInputError(f"{OutputDir(out_dir).documents} not found: clean needs a finished "
                                 f"job's output dir (run the job to the end, or "
                                 f"`nougat-dist finalize {out_dir}`)")
     return paths

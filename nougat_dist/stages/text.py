@@ -11,6 +11,9 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
+from nougat_dist.errors import UsageError
+from nougat_dist.flags import option
+
 CLEAN_PAGES_SCHEMA = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
@@ -60,27 +63,27 @@ _WORD_RE = re.compile(r"\w+")
 class CleanOptions:
     """Thresholds of the clean stage (flag = field name with dashes)."""
 
-    min_chars: int = 50
-    """Pages with fewer characters after cleaning are dropped (too_short)."""
-    min_alpha_fraction: float = 0.3
-    """Pages whose letters are fewer than this fraction of non-space characters are dropped."""
-    min_unique_word_fraction: float = 0.2
-    """Pages of >= 50 words with fewer distinct words than this fraction are dropped (loops)."""
-    max_line_repeats: int = 3
-    """A line repeated more often than this in a row keeps only its first copy."""
-    boilerplate_min_fraction: float = 0.5
-    """A short line on at least this fraction of a document's pages is removed as header/footer."""
-    boilerplate_min_pages: int = 4
-    """Only documents with at least this many ok pages are searched for headers/footers."""
-    boilerplate_max_chars: int = 80
-    """Longer lines are never treated as headers/footers."""
+    min_chars: int = option(50,
+        "Pages with fewer characters after cleaning are dropped (too_short).")
+    min_alpha_fraction: float = option(0.3,
+        "Pages whose letters are fewer than this fraction of non-space characters are dropped.")
+    min_unique_word_fraction: float = option(0.2,
+        "Pages of >= 50 words with fewer distinct words than this fraction are dropped (loops).")
+    max_line_repeats: int = option(3,
+        "A line repeated more often than this in a row keeps only its first copy.")
+    boilerplate_min_fraction: float = option(0.5,
+        "A short line on at least this fraction of a document's pages is removed as "
+        "header/footer.")
+    boilerplate_min_pages: int = option(4,
+        "Only documents with at least this many ok pages are searched for headers/footers.")
+    boilerplate_max_chars: int = option(80, "Longer lines are never treated as headers/footers.")
 
     def __post_init__(self) -> None:
         for name in ("min_alpha_fraction", "min_unique_word_fraction", "boilerplate_min_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be within [0, 1]")
+                raise UsageError(f"--{name.replace('_', '-')} must be within [0, 1]")
         if self.max_line_repeats < 1:
-            raise ValueError("--max-line-repeats must be >= 1")
+            raise UsageError("--max-line-repeats must be >= 1")
 
 
 def normalise(text: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nougat_dist.errors import MissingInputError, UsageError
 from nougat_dist.store.finalize import status_counts
 from nougat_dist.store.index import chunk_paths, committed_models
 from nougat_dist.store.layout import CLEAN_REPORT_FILE, DOCUMENTS_DIR, OutputDir
@@ -120,7 +121,7 @@ def planned_files(out_dir: Path) -> list[PlannedFile]:
     for pattern in EXTRA_FILES:
         names += sorted(str(p.relative_to(out_dir)) for p in out_dir.glob(pattern) if p.is_file())
     if not any(n.endswith(".parquet") for n in names):
-        raise FileNotFoundError(f"{out_dir}: no Parquet output to upload (pages/, documents/, "
+        raise MissingInputError(f"{out_dir}: no Parquet output to upload (pages/, documents/, "
                                 f"chunks/): run the job (and clean/chunk) first")
     return [PlannedFile(out_dir / n, n, (out_dir / n).stat().st_size) for n in names]
 
@@ -270,12 +271,18 @@ def add_upload_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_upload(args: argparse.Namespace) -> int:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as e:
+        raise UsageError(f"{args.repo_id}: not a Hub repo id (ORG/NAME): {e}") from None
     require_finished(args.output, args.allow_partial)
     token = None
     if args.token_env:
         token = os.environ.get(args.token_env)
         if not token:
-            raise SystemExit(f"--token-env {args.token_env}: that environment variable is empty or unset")
+            raise UsageError(f"--token-env {args.token_env}: that environment variable is empty or unset")
     upload(args.output, args.repo_id, token=token, private=args.private, dry_run=args.dry_run,
            num_workers=args.num_workers)
     return 0

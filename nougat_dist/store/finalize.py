@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from nougat_dist.errors import MissingInputError
 from nougat_dist.store.layout import DOCUMENTS_FILE, OutputDir  # noqa: F401 (re-exported)
 from nougat_dist.store.index import chunk_paths
 from nougat_dist.store.manifest import DocEntry, parse_unit_key
@@ -306,7 +307,7 @@ def read_documents(out_dir: Path, columns: Sequence[str] | None = None) -> pa.Ta
     """The whole documents table (small outputs and tests; streaming readers use store/shards)."""
     layout = OutputDir(out_dir)
     if not num_rows(layout.documents) and not layout.documents.is_dir():
-        raise FileNotFoundError(f"{layout.documents} not found: run the job to the end, or "
+        raise MissingInputError(f"{layout.documents} not found: run the job to the end, or "
                                 f"`nougat-dist finalize {out_dir}`")
     return pq.read_table(layout.documents, schema=DOCUMENTS_SCHEMA, columns=columns)
 
@@ -332,7 +333,7 @@ def pages_total(out_dir: Path) -> int:
 
     entries = load(out_dir)
     if entries is None:
-        raise FileNotFoundError(f"{out_dir} has no manifest.parquet: not a nougat-dist output dir, "
+        raise MissingInputError(f"{out_dir} has no manifest.parquet: not a nougat-dist output dir, "
                                 "or its job has not got past building its manifest")
     return int(make_units(unique_docs(entries), 1).n_pages.sum())
 

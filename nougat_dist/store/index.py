@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from nougat_dist.errors import UsageError
 from nougat_dist.store.chunks import atomic_write_table, chunk_units
 from nougat_dist.store.layout import TMP_PREFIX, OutputDir
 
@@ -179,7 +180,7 @@ def add_allow_partial(parser: argparse.ArgumentParser) -> None:
 
 
 def require_finished(out_dir: Path, allow_partial: bool = False) -> None:
-    """Raise ValueError (one line for the stage commands) unless out_dir is finished and
+    """Raise UsageError (one line for the stage commands) unless out_dir is finished and
     current; --allow-partial turns that into a warning."""
     reason = unfinished_reason(out_dir)
     if reason is None:
@@ -187,4 +188,4 @@ def require_finished(out_dir: Path, allow_partial: bool = False) -> None:
     if allow_partial:
         log.warning("%s; going on with what is committed (--allow-partial)", reason)
         return
-    raise ValueError(reason + "; or pass --allow-partial to use what is committed now")
+    raise UsageError(reason + "; or pass --allow-partial to use what is committed now")

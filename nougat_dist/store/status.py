@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nougat_dist.errors import MissingInputError
 from nougat_dist.store.layout import STATUS_FILE, OutputDir  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -24,32 +25,63 @@ STALE_AFTER_S = 60.0
 STATUS_EVERY_S = 2.0
 
 
+def rank_status(rank: int, pages: int, pages_per_s: float | None, failed: int) -> dict[str, Any]:
+    """One rank's entry of status.json's per_rank (the same shape live and finished)."""
+    return {"rank": rank, "pages": pages, "pages_per_s": pages_per_s, "failed": failed}
+
+
+def _write_status(out: Path, *, state: str, pages_total: int, pages_done: int,
+                  pages_per_s: float | None, eta_s: float | None, failures: dict[str, int],
+                  ranks_alive: int, per_rank: list[dict[str, Any]]) -> None:
+    """status.json, the one place its fields are named (read back by `collect`)."""
+    from nougat_dist.store.chunks import atomic_write_text
+
+    body = {
+        "state": state,
+        "updated": time.time(),
+        "pages_total": pages_total,
+        "pages_done": pages_done,
+        "pages_per_s": pages_per_s,
+        "eta_s": eta_s,
+        "failures_by_status": {k: v for k, v in failures.items() if v},
+        "ranks_alive": ranks_alive,
+        "per_rank": per_rank,
+    }
+    atomic_write_text(json.dumps(body, indent=2) + "\n", OutputDir(out).status)
+
+
 def write_live_status(out: Path, plan: "Plan", status: list[list[int]], work_start: float,
                       state: str) -> None:
     """Rank 0's view of the job from the last status round, for `python -m nougat_dist status`."""
     from nougat_dist.sched.steal import FAILURE_FIELDS, ST_DONE_PAGES, ST_RATE_MILLI
-    from nougat_dist.store.chunks import atomic_write_text
 
     done = sum(row[ST_DONE_PAGES] for row in status)
-    failures = {name: sum(row[i] for row in status) for name, i in FAILURE_FIELDS.items()}
     elapsed = max(time.time() - work_start, 1e-9)
     todo = plan.total_pages - plan.committed_pages
     rate = done / elapsed
-    body = {
-        "state": state,
-        "updated": time.time(),
-        "pages_total": plan.total_pages,
-        "pages_done": plan.committed_pages + done,
-        "pages_per_s": round(rate, 3),
-        "eta_s": round((todo - done) / rate, 1) if rate > 0 else None,
-        "failures_by_status": {k: v for k, v in failures.items() if v},
-        "ranks_alive": len(status),
-        "per_rank": [{"rank": r, "pages": row[ST_DONE_PAGES],
-                      "pages_per_s": round(row[ST_RATE_MILLI] / 1000, 3),
-                      "failed": sum(row[i] for i in FAILURE_FIELDS.values())}
-                     for r, row in enumerate(status)],
-    }
-    atomic_write_text(json.dumps(body, indent=2) + "\n", OutputDir(out).status)
+    _write_status(
+        out, state=state, pages_total=plan.total_pages, pages_done=plan.committed_pages + done,
+        pages_per_s=round(rate, 3), eta_s=round((todo - done) / rate, 1) if rate > 0 else None,
+        failures={name: sum(row[i] for row in status) for name, i in FAILURE_FIELDS.items()},
+        ranks_alive=len(status),
+        per_rank=[rank_status(r, row[ST_DONE_PAGES], round(row[ST_RATE_MILLI] / 1000, 3),
+                              sum(row[i] for i in FAILURE_FIELDS.values()))
+                  for r, row in enumerate(status)])
+
+
+def write_final_status(out: Path, plan: "Plan", pages_by_status: dict[str, int],
+                       run: dict[str, Any]) -> None:
+    """status.json of a finished job: every page done, no rank alive; per_rank from this run's
+    figures (`job.run_stats`, the per_rank of stats.json) in status.json's own shape."""
+    from nougat_dist.store.finalize import FAILED_STATUSES
+
+    _write_status(
+        out, state="finished", pages_total=plan.total_pages, pages_done=plan.total_pages,
+        pages_per_s=run["pages_per_s"], eta_s=0,
+        failures={k: v for k, v in pages_by_status.items() if k in FAILED_STATUSES},
+        ranks_alive=0,
+        per_rank=[rank_status(p["rank"], p["pages"], p["pages_per_s"], sum(p["failures"].values()))
+                  for p in run["per_rank"]])
 
 
 
@@ -68,7 +100,7 @@ def collect(out: Path) -> dict[str, Any]:
 
     entries = load(out)
     if entries is None:
-        raise FileNotFoundError(f"{out} has no manifest.parquet: not a nougat-dist output dir, "
+        raise MissingInputError(f"{out} has no manifest.parquet: not a nougat-dist output dir, "
                                 "or the job has not got past building its manifest")
     docs = unique_docs(entries)
     total = int(make_units(docs, 1).n_pages.sum())  # unit size does not change page counts
@@ -128,6 +160,7 @@ def render(info: dict[str, Any]) -> str:
     if info["per_rank"]:
         lines.append("  rank   pages   pages/s  failed")
         for r in info["per_rank"]:
+            # "failures" by status: a finished job's status.json as earlier versions wrote it
             failed = r.get("failed", sum(r.get("failures", {}).values()))
             lines.append(f"  {r['rank']:>4} {r['pages']:>7} {r.get('pages_per_s') or 0:>9} {failed:>7}")
     return "\n".join(lines)
