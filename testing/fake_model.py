@@ -24,7 +24,8 @@ class FakeModel:
     """Honours NougatModel.inference's contract with a sleep per page.
 
     Spec string: comma-separated `key=value`, e.g. `delay=0.05,delay_rank1=0.5,oom_above=2`.
-    `oom_above=N` raises the error the CUDA allocator raises for any batch larger than N pages.
+    `oom_above=N` raises the error the CUDA allocator raises for any batch larger than N pages;
+    `text_bytes=N` adds N characters of incompressible text to each page.
     Text is derived from the input pixels, so it is page-dependent.
     """
 
@@ -32,6 +33,7 @@ class FakeModel:
         opts = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
         self.delay = float(opts.get(f"delay_rank{rank}", opts.get("delay", "0")))
         self.oom_above = int(opts.get("oom_above", "0"))
+        self.text_bytes = int(opts.get("text_bytes", "0"))
 
     def inference(self, image_tensors: torch.Tensor, early_stopping: bool = True) -> dict[str, Any]:
         n = len(image_tensors)
@@ -44,8 +46,18 @@ class FakeModel:
         preds = []
         for t in image_tensors:
             digest = hashlib.sha256(t.float().contiguous().cpu().numpy().tobytes()).hexdigest()
-            preds.append(f"fake page {digest[:16]}\n\n")
+            preds.append(f"fake page {digest[:16]}\n\n" + self._filler(digest))
         return {"predictions": preds, "repeats": [None] * n, "sequences": None, "repetitions": []}
+
+
+    def _filler(self, digest: str) -> str:
+        """`text_bytes` characters of hex that do not compress (a sha256 chain from the page's
+        digest), for tests whose chunks must be large."""
+        out = []
+        while sum(map(len, out)) < self.text_bytes:
+            digest = hashlib.sha256(digest.encode()).hexdigest()
+            out.append(digest)
+        return "".join(out)[:self.text_bytes]
 
 
 def source(spec: str = "") -> ModelSource:

@@ -21,7 +21,9 @@ from testing import fake_model
 from testing.samples import write_long_pdf
 
 FAKE = ["--device", "cpu", "--num-workers", "0"]
-FAKE_MODEL = fake_model.env("delay=0")
+# Pages of 2 kB of text that does not compress: the new book's chunk is far larger than the
+# manifest (which holds each page's size and the PDF's metadata).
+FAKE_MODEL = fake_model.env("delay=0,text_bytes=2000")
 
 
 def test_no_space_keeps_every_committed_page_and_says_what_to_do(tmp_path: Path) -> None:
