@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +26,7 @@ import pytest
 
 from conftest import rows, stats
 from netns import Cluster, _ip
-from test_multinode import torchrun
+from test_multinode import torchrun, wait_all
 from testing import fake_model
 
 BRIDGE_ADDR = "10.77.0.254"  # the bridge's own address, inside the cluster's switch namespace
@@ -152,15 +151,7 @@ def start(c: Cluster, tmp: Path, args: list[str], disks: list[str], tag: str,
 
 
 def finish(procs: list, logs: list[Path], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            break
-    rcs = [p.poll() for p in procs]
-    assert rcs == [0, 0], f"exit codes {rcs}\n" + "\n".join(
-        f"--- {lg.name}\n{lg.read_text(errors='replace')[-4000:]}" for lg in logs)
+    wait_all(procs, logs, timeout)
 
 
 def chunk_ranks(d: Path) -> set[str]:

@@ -51,6 +51,12 @@ def run_job(nodes: Cluster, args: list[str], tmp: Path, run_id: str, timeout: fl
     logs = [tmp / f"{run_id}-{n.hostname}.log" for n in nodes.nodes]
     procs = [torchrun(n, head, args, run_id=run_id, log=lg, env=env, rdzv=rdzv(n) if rdzv else None)
              for n, lg in zip(nodes.nodes, logs)]
+    return wait_all(procs, logs, timeout)
+
+
+def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[str]:
+    """Wait for every node's torchrun; all must exit 0 (else the logs' tails are the message).
+    Returns the logs' texts."""
     deadline = time.monotonic() + timeout
     for p in procs:
         try:
@@ -59,8 +65,8 @@ def run_job(nodes: Cluster, args: list[str], tmp: Path, run_id: str, timeout: fl
             break
     texts = [lg.read_text(errors="replace") for lg in logs]
     rcs = [p.poll() for p in procs]
-    assert rcs == [0, 0], f"exit codes {rcs}\n" + "\n".join(f"--- {lg.name}\n{t[-4000:]}"
-                                                           for lg, t in zip(logs, texts))
+    assert rcs == [0] * len(procs), f"exit codes {rcs}\n" + "\n".join(
+        f"--- {lg.name}\n{t[-4000:]}" for lg, t in zip(logs, texts))
     return texts
 
 
