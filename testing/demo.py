@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-docs", type=int, default=3, help="Sample papers to generate.")
     args = parser.parse_args(argv)
 
+    from nougat_dist.log import filter_known_warnings
+
+    filter_known_warnings()  # the checkpoint build imports torch and nougat, as a run does
     from testing.samples import write_sample_pdfs
     from testing.tiny_checkpoint import build_tiny_checkpoint
 
