@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from nougat_dist.errors import MissingInputError, UsageError
 from nougat_dist.flags import option
-from nougat_dist.stages.options import add_option_flags, columns as _columns
+from nougat_dist.stages.options import add_option_flags, options_from_args, columns as _columns
 from nougat_dist.stages.text import CHUNKS_SCHEMA, PAGE_SEPARATOR
 from nougat_dist.store.index import add_allow_partial, require_finished
 from nougat_dist.store.layout import CHUNKS_DIR, OutputDir
@@ -266,10 +266,8 @@ def add_chunk_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_chunk(args: argparse.Namespace) -> int:
-    import dataclasses
-
     require_finished(args.output, args.allow_partial)
-    opts = ChunkOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ChunkOptions)})
+    opts = options_from_args(args, ChunkOptions)
     stats = chunk(args.output, opts, args.tokenizer)
     print(f"chunk: {stats['chunks']} chunks ({stats['tokens']} tokens, tokenizer {stats['tokenizer']}) "
           f"from {stats['documents']} documents in {stats['files']} file(s) under {args.output / CHUNKS_DIR}")

@@ -21,3 +21,8 @@ def add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
                             default=f.default, help=f"{help_of(f)} (default: {f.default})")
+
+
+def options_from_args(args: argparse.Namespace, cls: type):
+    """The options dataclass `cls` from the flags `add_option_flags` added for it."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nougat_dist.errors import MissingInputError
-from nougat_dist.stages.options import add_option_flags, columns as _columns
+from nougat_dist.stages.options import add_option_flags, options_from_args, columns as _columns
 from nougat_dist.stages.text import (CHUNKS_SCHEMA, CLEAN_DOCUMENTS_SCHEMA,  # noqa: F401 (re-exported)
                                      CLEAN_PAGES_SCHEMA, DROPPED_SCHEMA, PAGE_SEPARATOR, CleanOptions,
                                      boilerplate_lines, clean_document, collapse_repeats, normalise,
@@ -378,10 +378,8 @@ def add_clean_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_clean(args: argparse.Namespace) -> int:
-    import dataclasses
-
     require_finished(args.output, args.allow_partial)
-    opts = CleanOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CleanOptions)})
+    opts = options_from_args(args, CleanOptions)
     report = clean(args.output, opts, args.memory_budget)
     layout = OutputDir(args.output)
     print(report.summary())
